@@ -1,0 +1,133 @@
+"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``.
+
+User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2;
+nothing else is caught, so a bug keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dtm.errors import DtmError
+
+
+def _cluster_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="address of a running dask scheduler (tcp://host:8786) or its "
+                             "scheduler file; default: start an embedded local cluster")  # fmt: skip
+    parser.add_argument("--workers", type=int, metavar="N", help="workers of a local cluster")
+    parser.add_argument("--device", choices=["cpu", "gpu"], help="array backend of the workers")
+
+
+def _match(args: argparse.Namespace) -> None:
+    from dtm.config import load_match_config
+    from dtm.match import match_template
+
+    overrides = {"output_dir": args.output_dir} if args.output_dir else None
+    config = load_match_config(args.config, overrides)
+    for line in config.notices:
+        print(f"notice: {line}")
+    match_template(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        scheduler_address=args.scheduler,
+        n_workers=args.workers,
+        device=args.device,
+    )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from dtm.demo import run_demo
+
+    run_demo(Path(args.out), n_workers=args.workers, scheduler_address=args.scheduler)
+
+
+def _peaks(args: argparse.Namespace) -> None:
+    from dtm.peaks import repick
+
+    table = repick(
+        args.results_dir,
+        false_positives=args.false_positives,
+        z_score_cutoff=args.z_cutoff,
+        min_distance=args.min_distance,
+        border=args.border,
+    )
+    print(f"{len(table)} peaks written to {args.results_dir}/peaks.csv")
+
+
+def _refine(args: argparse.Namespace) -> None:
+    from dtm.config import load_refine_config
+    from dtm.refine import refine_template
+
+    config = load_refine_config(args.config)
+    for line in config.notices:
+        print(f"notice: {line}")
+    refine_template(config, scheduler_address=args.scheduler, n_workers=args.workers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``dtm`` command."""
+    parser = argparse.ArgumentParser(prog="dtm", description="2D template matching for cryo-EM, "
+                                     "distributed with Dask.")  # fmt: skip
+    from dtm import __version__
+
+    parser.add_argument("--version", action="version", version=f"dtm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    match = sub.add_parser("match", help="search micrographs for a template")
+    match.add_argument("config", help="YAML configuration (dtm or Leopard-EM match_template)")
+    match.add_argument("--output-dir", help="override output_dir of the configuration")
+    mode = match.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    mode.add_argument("--overwrite", action="store_true", help="replace earlier results")
+    match.add_argument("--strict", action="store_true",
+                       help="stop at the first bad micrograph instead of skipping it")  # fmt: skip
+    _cluster_options(match)
+    match.set_defaults(func=_match)
+
+    demo = sub.add_parser("demo", help="simulate a micrograph and run the whole pipeline")
+    demo.add_argument("--out", default="dtm-demo", help="output directory (default: dtm-demo)")
+    _cluster_options(demo)
+    demo.set_defaults(func=_demo)
+
+    peaks = sub.add_parser("peaks", help="re-pick peaks from the results of dtm match")
+    peaks.add_argument("results_dir", help="output directory of dtm match")
+    cut = peaks.add_mutually_exclusive_group()
+    cut.add_argument("--false-positives", type=float, metavar="F",
+                     help="expected false positives per micrograph (default 1)")  # fmt: skip
+    cut.add_argument("--z-cutoff", type=float, metavar="Z", help="fixed scaled-MIP cut-off")
+    peaks.add_argument("--min-distance", type=float, metavar="PIXELS",
+                       help="minimum distance between peaks (pixels)")  # fmt: skip
+    peaks.add_argument("--border", type=int, default=0, metavar="PIXELS",
+                       help="exclude peaks this close to the map edge")  # fmt: skip
+    peaks.set_defaults(func=_peaks)
+
+    refine = sub.add_parser("refine", help="refine particles from a results table")
+    refine.add_argument("config", help="YAML configuration (dtm or Leopard-EM refine_template)")
+    _cluster_options(refine)
+    refine.set_defaults(func=_refine)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dtm`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], None] = args.func
+    try:
+        func(args)
+    except DtmError as exc:
+        print(f"dtm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dtm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Read and validate micrographs and templates; write maps atomically, with their voxel size.
+
+Every problem with a user's file is an :class:`~dtm.errors.InputError` whose one-line message
+names the file and what is wrong with it. Files are opened with ``permissive=False``, and
+mrcfile's warnings (for example a file longer than its header says) are errors too: a file
+that does not match its own header is corrupt, and searching it would give wrong maps.
+
+Modes: every real MRC mode (int8, int16, uint16, float16, float32) is accepted and converted
+to float32; complex modes (3, 4) are rejected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from dtm.errors import InputError, OutputError
+
+# Two pixel sizes are "the same" when they differ by at most this fraction (0.1 %): a 0.1 %
+# magnification error costs little SNR (SPEC §5: 20 % loss at 1.9 %).
+PIXEL_SIZE_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class MrcData:
+    """An image or volume read from an MRC file.
+
+    Attributes
+    ----------
+    data
+        float32 array, ``(H, W)`` for a micrograph, ``(d, d, d)`` ``[z, y, x]`` for a template.
+    pixel_size
+        Pixel size in Å.
+    path
+        The file it came from.
+    """
+
+    data: np.ndarray
+    pixel_size: float
+    path: Path
+
+
+def _read(path: str | os.PathLike[str], kind: str) -> tuple[np.ndarray, tuple[float, ...], Path]:
+    """Array (native dtype) and header voxel sizes (x, y, z) in Å of an MRC file."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{kind} {path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{kind} {path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with mrcfile.open(path, mode="r", permissive=False) as mrc:
+                data = np.array(mrc.data)
+                voxel = mrc.voxel_size
+                voxel_size = (float(voxel.x), float(voxel.y), float(voxel.z))
+    except (ValueError, RuntimeWarning, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{kind} {path}: not a readable MRC file ({reason})") from error
+    if np.iscomplexobj(data):
+        raise InputError(f"{kind} {path}: complex MRC mode, expected real values")
+    return data, voxel_size, path
+
+
+def _check_values(data: np.ndarray, kind: str, path: Path) -> np.ndarray:
+    """float32 copy of ``data``; reject NaN/inf and constant arrays."""
+    values = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(values).all():
+        count = int(values.size - np.count_nonzero(np.isfinite(values)))
+        raise InputError(f"{kind} {path}: {count} pixel(s) are NaN or infinite")
+    if values.min() == values.max():
+        empty = "empty micrograph" if kind == "micrograph" else "empty template"
+        raise InputError(f"{kind} {path}: all pixels equal {values.flat[0]:g} ({empty})")
+    return values
+
+
+def _header_pixel_size(
+    sizes: tuple[float, ...], fallback: float | None, kind: str, path: Path
+) -> float:
+    """The one pixel size of the header's axes (0 = unknown), or ``fallback`` if none is set."""
+    if not all(math.isfinite(size) and size >= 0 for size in sizes):
+        raise InputError(f"{kind} {path}: invalid voxel size {sizes} Å in the header")
+    known = [size for size in sizes if size > 0]
+    if known:
+        if max(known) - min(known) > PIXEL_SIZE_TOLERANCE * max(known):
+            raise InputError(
+                f"{kind} {path}: voxel sizes differ between axes {tuple(sizes)} Å "
+                "(anisotropic pixels are not supported)"
+            )
+        return known[0]
+    if fallback is None:
+        raise InputError(
+            f"{kind} {path}: the header has no pixel size (voxel size 0); set it in the file "
+            "or give pixel_size in the configuration"
+        )
+    if not (math.isfinite(fallback) and fallback > 0):
+        raise InputError(f"pixel_size: must be a positive number of Å, got {fallback}")
+    return float(fallback)
+
+
+def read_micrograph(path: str | os.PathLike[str], *, pixel_size: float | None = None) -> MrcData:
+    """Read and validate a micrograph.
+
+    Parameters
+    ----------
+    path
+        MRC file holding one 2-D image (a 3-D file with a single section is accepted).
+    pixel_size
+        Pixel size in Å to use when the header has none (voxel size 0). A pixel size in the
+        header is kept; :func:`check_compatible` compares it with the configuration's.
+
+    Returns
+    -------
+    MrcData
+        ``data`` float32 ``(H, W)``.
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable, corrupt or truncated file; complex mode; not a single 2-D image;
+        NaN/inf values; constant image; no pixel size anywhere.
+    """
+    data, sizes, path = _read(path, "micrograph")
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise InputError(
+            f"micrograph {path}: expected a single 2-D image, got an array of shape {data.shape}"
+        )
+    values = _check_values(data, "micrograph", path)
+    return MrcData(values, _header_pixel_size(sizes[:2], pixel_size, "micrograph", path), path)
+
+
+def read_template(path: str | os.PathLike[str], *, pixel_size: float | None = None) -> MrcData:
+    """Read and validate a template volume.
+
+    Parameters
+    ----------
+    path
+        MRC file holding a cubic 3-D volume, positive density.
+    pixel_size
+        Voxel size in Å to use when the header has none (see :func:`read_micrograph`).
+
+    Returns
+    -------
+    MrcData
+        ``data`` float32 ``(d, d, d)`` indexed ``[z, y, x]``.
+
+    Raises
+    ------
+    InputError
+        Missing/unreadable/corrupt file, not a cubic volume, NaN/inf, constant, no pixel size.
+    """
+    data, sizes, path = _read(path, "template")
+    if data.ndim != 3 or len(set(data.shape)) != 1:
+        raise InputError(
+            f"template {path}: expected a cubic 3-D volume (d, d, d), got shape {data.shape}"
+        )
+    values = _check_values(data, "template", path)
+    return MrcData(values, _header_pixel_size(sizes, pixel_size, "template", path), path)
+
+
+def _differ(a: float, b: float) -> bool:
+    """Whether two pixel sizes differ by more than the tolerance (relative)."""
+    return abs(a - b) > PIXEL_SIZE_TOLERANCE * max(abs(a), abs(b))
+
+
+def check_compatible(
+    micrograph: MrcData, template: MrcData, *, pixel_size: float | None = None
+) -> None:
+    """Check that a template can be searched in a micrograph.
+
+    Parameters
+    ----------
+    micrograph, template
+        As returned by :func:`read_micrograph` and :func:`read_template`.
+    pixel_size
+        The configuration's pixel size in Å, if any; both files must agree with it.
+
+    Raises
+    ------
+    InputError
+        The template box is larger than the micrograph, or pixel sizes differ by more than
+        0.1 % (between the files, or from ``pixel_size``).
+    """
+    box = template.data.shape[-1]
+    height, width = micrograph.data.shape
+    if box > height or box > width:
+        raise InputError(
+            f"template {template.path}: box {box} px is larger than micrograph "
+            f"{micrograph.path} ({height} x {width} px)"
+        )
+    if _differ(micrograph.pixel_size, template.pixel_size):
+        raise InputError(
+            f"pixel sizes differ: micrograph {micrograph.path} has {micrograph.pixel_size:g} Å, "
+            f"template {template.path} has {template.pixel_size:g} Å (tolerance 0.1 %)"
+        )
+    if pixel_size is None:
+        return
+    for kind, item in (("micrograph", micrograph), ("template", template)):
+        if _differ(item.pixel_size, pixel_size):
+            raise InputError(
+                f"pixel_size: configuration says {pixel_size:g} Å but {kind} {item.path} "
+                f"has {item.pixel_size:g} Å in its header (tolerance 0.1 %); fix one of them"
+            )
+
+
+def write_map(
+    path: str | os.PathLike[str], data: np.ndarray, *, pixel_size: float, overwrite: bool = True
+) -> None:
+    """Write a 2-D map or 3-D volume as float32 MRC with its voxel size, atomically.
+
+    The data go to a temporary file in the same directory, which then replaces ``path``
+    (``os.replace``), so an interrupted write never leaves a half-written map behind.
+
+    Parameters
+    ----------
+    path
+        Destination ``.mrc`` file; missing parent directories are created.
+    data
+        ``(H, W)`` or ``(d, d, d)`` array, cast to float32.
+    pixel_size
+        Pixel (voxel) size in Å, > 0.
+    overwrite
+        Whether an existing file may be replaced.
+
+    Raises
+    ------
+    OutputError
+        The file exists and ``overwrite`` is false, or it cannot be written.
+    ValueError
+        ``data`` is not 2-D/3-D or ``pixel_size`` is not positive (programming errors).
+    """
+    path = Path(path)
+    values = np.ascontiguousarray(data, dtype=np.float32)
+    if values.ndim not in (2, 3):
+        raise ValueError(f"write_map: expected a 2-D or 3-D array, got shape {values.shape}")
+    if not (math.isfinite(pixel_size) and pixel_size > 0):
+        raise ValueError(f"write_map: pixel_size must be > 0, got {pixel_size}")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists and overwriting is disabled")
+    temporary: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A unique name rather than mkstemp, so the map gets the umask's permissions (mkstemp
+        # would leave it readable by its owner only).
+        temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+        with mrcfile.new(temporary, overwrite=True) as mrc:
+            mrc.set_data(values)
+            mrc.voxel_size = pixel_size
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        raise OutputError(f"{path}: cannot write map ({error.strerror or error})") from error
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                temporary.unlink()

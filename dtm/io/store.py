@@ -1,0 +1,172 @@
+"""Persistence of search results: the zarr store, `.mrc` maps and checkpoints.
+
+Layout of an output directory::
+
+    results.zarr/            xarray dataset (one micrograph) or one group per micrograph
+    maps/[NAME_]mip.mrc ...  the eight maps as MRC files with the voxel size set
+    checkpoints/TOKEN/*.npz  merged partial statistics of finished subtrees (while running)
+    job.json                 every parameter of the run, to trace and resume it
+    run.json                 per-micrograph status, timings and versions
+
+Everything is written to a temporary name and renamed into place, so a crash never leaves a
+half-written result that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from dtm.errors import InputError
+from dtm.io.mrc import write_map
+
+#: Map variable → file name of its `.mrc` export (Leopard-EM's names).
+MRC_NAMES = {
+    "mip": "mip.mrc",
+    "scaled_mip": "scaled_mip.mrc",
+    "correlation_mean": "correlation_average.mrc",
+    "correlation_variance": "correlation_variance.mrc",
+    "phi": "orientation_phi.mrc",
+    "theta": "orientation_theta.mrc",
+    "psi": "orientation_psi.mrc",
+    "defocus": "relative_defocus.mrc",
+}
+
+#: Chunking of the full-resolution maps in zarr, for browsing.
+BROWSE_CHUNK = 512
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` in one step."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically."""
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+
+    write_atomic(path, dump)
+
+
+def build_dataset(
+    maps: dict[str, np.ndarray], *, pixel_size: float, attrs: dict[str, Any]
+) -> xr.Dataset:
+    """An xarray dataset of statistics maps with pixel and Å coordinates.
+
+    Parameters
+    ----------
+    maps : dict of str to numpy.ndarray
+        ``(Hm, Wm)`` float32 maps.
+    pixel_size : float
+        Å per pixel.
+    attrs : dict
+        JSON-serialisable attributes (see docs/architecture.md).
+    """
+    hm, wm = next(iter(maps.values())).shape
+    y = np.arange(hm, dtype=np.int64)
+    x = np.arange(wm, dtype=np.int64)
+    return xr.Dataset(
+        {name: (("y", "x"), data) for name, data in maps.items()},
+        coords={
+            "y": y,
+            "x": x,
+            "y_angstrom": ("y", y * pixel_size),
+            "x_angstrom": ("x", x * pixel_size),
+        },
+        attrs=attrs,
+    )
+
+
+def write_dataset(dataset: xr.Dataset, store: Path, group: str | None = None) -> None:
+    """Write a dataset to ``store`` (at its root, or as ``group``) so it appears whole.
+
+    The dataset is written beside its destination and renamed into place.
+    """
+    chunks = {"y": min(BROWSE_CHUNK, dataset.sizes["y"]), "x": min(BROWSE_CHUNK, dataset.sizes["x"])}
+    encoding = {name: {"chunks": (chunks["y"], chunks["x"])} for name in dataset.data_vars}
+    final = store if group is None else store / group
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if group is not None and not (store / "zarr.json").exists():
+        zarr.open_group(str(store), mode="a")
+    tmp = final.parent / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.to_zarr(str(tmp), mode="w", consolidated=False, encoding=encoding)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def export_maps(
+    maps: dict[str, np.ndarray],
+    directory: Path,
+    *,
+    pixel_size: float,
+    prefix: str = "",
+    extra_paths: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Write each map as ``directory/PREFIX + MRC_NAMES[name]`` (and to ``extra_paths``).
+
+    Returns
+    -------
+    dict of str to str
+        Map name → path of its `.mrc` file in ``directory``.
+    """
+    paths = {}
+    for name, data in maps.items():
+        path = directory / f"{prefix}{MRC_NAMES[name]}"
+        write_map(path, data, pixel_size=pixel_size)
+        paths[name] = str(path)
+        if extra_paths and extra_paths.get(name):
+            write_map(Path(extra_paths[name]), data, pixel_size=pixel_size)
+    return paths
+
+
+def result_groups(store: str | Path) -> list[str | None]:
+    """Groups of a results store: ``[None]`` for a single dataset at the root."""
+    root = zarr.open_group(str(store), mode="r")
+    if "mip" in root.array_keys():
+        return [None]
+    return sorted(root.group_keys())
+
+
+def open_results(path: str | Path) -> dict[str, xr.Dataset]:
+    """Open a results store lazily: ``{micrograph_name: Dataset}``.
+
+    Parameters
+    ----------
+    path : str or Path
+        An output directory, or its ``results.zarr`` (local path or fsspec URL).
+    """
+    store = str(path)
+    if not store.rstrip("/").endswith(".zarr"):
+        store = store.rstrip("/") + "/results.zarr"
+    try:
+        groups = result_groups(store)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise InputError(f"{store}: no dtm results store here ({exc})") from None
+    datasets = {}
+    for group in groups:
+        ds = xr.open_zarr(store, group=group, consolidated=False)
+        datasets[str(ds.attrs.get("micrograph_name", group))] = ds
+    return datasets

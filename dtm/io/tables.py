@@ -1,0 +1,350 @@
+"""Particle tables on disk: CSV, parquet (partitioned by micrograph) and RELION STAR.
+
+The columns are those of the user's seed document (``seed-data-formats.md``), in its order,
+followed by ``micrograph_name`` and ``particle_index``; :data:`PEAK_DTYPES` gives their types
+(ints ``int64``, floats ``float64``, text the pandas string type). Extra columns (e.g. the
+``refined_*`` columns of refine-template) are carried through unchanged.
+
+STAR export (:func:`to_star`) follows RELION's conventions:
+
+- ``rlnCoordinateX/Y`` are the particle centre in micrograph pixels (``pos_x_img``,
+  ``pos_y_img``). RELION extracts a box of size n around ``round(coordinate)`` with its
+  centre at index ``n // 2`` of 0-based image arrays, the same convention as dtm's.
+- ``rlnAngleRot, rlnAngleTilt, rlnAnglePsi`` = dtm's ``phi, theta, psi`` without change.
+  RELION's ``Euler_angles2matrix(rot, tilt, psi)`` is ``A = Rz(-psi) Ry(-tilt) Rz(-rot)``,
+  i.e. the transpose of dtm's ``R = Rz(phi) Ry(theta) Rz(psi)``, and its projector samples
+  the 3-D transform at ``A^T (kx, ky, 0) = R (kx, ky, 0)``: exactly dtm's central slice
+  (SPEC §2). No sign change or inversion is needed (the same holds for cisTEM/Leopard-EM).
+- ``rlnDefocusU/V`` = ``defocus_u/v + relative_defocus`` (the particle's absolute defocus,
+  Å), ``rlnDefocusAngle`` = ``astigmatism_angle``; optics per particle in the RELION 3.0
+  style (``rlnVoltage`` kV, ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``,
+  ``rlnMicrographPixelSize`` Å — RELION ≥ 3.1 converts such files on reading).
+  ``rlnDetectorPixelSize`` is not written: RELION defines it in µm, with ``rlnMagnification``.
+- ``rlnAutopickFigureOfMerit`` = ``scaled_mip``.
+
+:func:`write_star` writes that block as ``data_particles`` and the full dtm table as
+``data_dtm``, with floats in shortest round-trip form, so :func:`read_star` gets the dtm
+table back exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask.dataframe as dd
+import pandas as pd
+import starfile
+
+from dtm.errors import InputError, OutputError
+
+_FLOAT = "float64"
+_INT = "int64"
+_STR = "str"
+
+#: Column → dtype of the match-template table, in the seed document's order.
+SEED_DTYPES: dict[str, str] = {
+    "mip": _FLOAT,
+    "scaled_mip": _FLOAT,
+    "correlation_mean": _FLOAT,
+    "correlation_variance": _FLOAT,
+    "total_correlations": _INT,
+    "pos_x": _INT,
+    "pos_y": _INT,
+    "pos_x_img": _INT,
+    "pos_y_img": _INT,
+    "pos_x_img_angstrom": _FLOAT,
+    "pos_y_img_angstrom": _FLOAT,
+    "psi": _FLOAT,
+    "theta": _FLOAT,
+    "phi": _FLOAT,
+    "relative_defocus": _FLOAT,
+    "defocus_u": _FLOAT,
+    "defocus_v": _FLOAT,
+    "astigmatism_angle": _FLOAT,
+    "pixel_size": _FLOAT,
+    "voltage": _FLOAT,
+    "spherical_aberration": _FLOAT,
+    "amplitude_contrast_ratio": _FLOAT,
+    "phase_shift": _FLOAT,
+    "ctf_B_factor": _FLOAT,
+    "micrograph_path": _STR,
+    "template_path": _STR,
+    "mip_path": _STR,
+    "scaled_mip_path": _STR,
+    "psi_path": _STR,
+    "theta_path": _STR,
+    "phi_path": _STR,
+    "defocus_path": _STR,
+    "correlation_average_path": _STR,
+    "correlation_variance_path": _STR,
+}
+
+#: All columns of a dtm peak table → dtype: the seed's, then the micrograph and particle ids.
+PEAK_DTYPES: dict[str, str] = {**SEED_DTYPES, "micrograph_name": _STR, "particle_index": _INT}
+
+#: The ordered columns of a dtm peak table.
+PEAK_COLUMNS: list[str] = list(PEAK_DTYPES)
+
+_STRING_COLUMNS = [name for name, dtype in PEAK_DTYPES.items() if dtype == _STR]
+
+#: dtm column → RELION label, for the columns copied as they are.
+_STAR_COPIED = {
+    "micrograph_path": "rlnMicrographName",
+    "pos_x_img": "rlnCoordinateX",
+    "pos_y_img": "rlnCoordinateY",
+    "phi": "rlnAngleRot",
+    "theta": "rlnAngleTilt",
+    "psi": "rlnAnglePsi",
+    "astigmatism_angle": "rlnDefocusAngle",
+    "phase_shift": "rlnPhaseShift",
+    "ctf_B_factor": "rlnCtfBfactor",
+    "voltage": "rlnVoltage",
+    "spherical_aberration": "rlnSphericalAberration",
+    "amplitude_contrast_ratio": "rlnAmplitudeContrast",
+    "pixel_size": "rlnMicrographPixelSize",
+    "scaled_mip": "rlnAutopickFigureOfMerit",
+}
+
+
+def empty_peak_table() -> pd.DataFrame:
+    """A peak table with no rows and the right columns and dtypes (dask ``meta``)."""
+    return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in PEAK_DTYPES.items()})
+
+
+def coerce_peak_dtypes(df: pd.DataFrame, *, source: str = "table") -> pd.DataFrame:
+    """Cast the known columns of ``df`` to :data:`PEAK_DTYPES`; other columns are kept.
+
+    Known columns come first, in :data:`PEAK_COLUMNS` order.
+
+    Raises
+    ------
+    InputError
+        A column cannot be cast (e.g. an integer column holds empty cells); ``source`` names
+        the file in the message.
+    """
+    known = [name for name in PEAK_COLUMNS if name in df.columns]
+    out = df[known + [name for name in df.columns if name not in PEAK_DTYPES]].copy()
+    for name in known:
+        try:
+            if PEAK_DTYPES[name] == _STR:
+                out[name] = out[name].fillna("").astype(_STR)
+            else:
+                out[name] = out[name].astype(PEAK_DTYPES[name])
+        except (ValueError, TypeError) as error:
+            raise InputError(
+                f"{source}: column {name!r} cannot be read as {PEAK_DTYPES[name]} ({error})"
+            ) from None
+    return out.reset_index(drop=True)
+
+
+def to_star(df: pd.DataFrame) -> pd.DataFrame:
+    """The RELION particle block of a peak table (see the module docstring for the mapping).
+
+    Parameters
+    ----------
+    df
+        A peak table with the seed's columns.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per particle, ``rln*`` columns.
+    """
+    missing = [name for name in [*_STAR_COPIED, "defocus_u", "defocus_v"] if name not in df]
+    if missing:
+        raise InputError(f"STAR export: the table lacks column(s) {', '.join(missing)}")
+    star = pd.DataFrame({label: df[name].to_numpy() for name, label in _STAR_COPIED.items()})
+    relative = df["relative_defocus"].to_numpy() if "relative_defocus" in df else 0.0
+    star.insert(6, "rlnDefocusU", df["defocus_u"].to_numpy() + relative)
+    star.insert(7, "rlnDefocusV", df["defocus_v"].to_numpy() + relative)
+    return star
+
+
+def _shortest_floats(df: pd.DataFrame) -> pd.DataFrame:
+    """Floats as their shortest round-trip text, so STAR keeps every digit (and no more)."""
+    out = df.copy()
+    for name in out.columns:
+        if pd.api.types.is_float_dtype(out[name]):
+            out[name] = [repr(float(value)) for value in out[name]]
+    return out
+
+
+def write_star(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write ``data_particles`` (RELION labels) and ``data_dtm`` (the full table) to ``path``."""
+    blocks = {"particles": _shortest_floats(to_star(df)), "dtm": _shortest_floats(df)}
+    starfile.write(blocks, Path(path))
+
+
+def read_star(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a STAR file written by :func:`write_star` (or a plain RELION particle file).
+
+    The ``dtm`` block is returned as is, with :data:`PEAK_DTYPES`. Without one, the
+    ``rln*`` columns are mapped back to dtm names (absolute defocus in ``defocus_u/v``,
+    ``relative_defocus`` 0); the other seed columns are then absent.
+    """
+    path = Path(path)
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=_STRING_COLUMNS)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: not a readable STAR file ({error})") from None
+    if "dtm" in blocks:
+        return coerce_peak_dtypes(pd.DataFrame(blocks["dtm"]), source=str(path))
+    particles = blocks.get("particles", next(iter(blocks.values()), None))
+    if not isinstance(particles, pd.DataFrame):
+        raise InputError(f"{path}: no particle table (loop_ block) in this STAR file")
+    labels = {label: name for name, label in _STAR_COPIED.items()}
+    labels |= {"rlnDefocusU": "defocus_u", "rlnDefocusV": "defocus_v"}
+    table = particles[[label for label in labels if label in particles]].rename(columns=labels)
+    table = table.assign(relative_defocus=0.0)
+    return coerce_peak_dtypes(table, source=str(path))
+
+
+def _replace(temporary: Path, final: Path) -> None:
+    """Move ``temporary`` onto ``final`` (a file or a directory), replacing it."""
+    if final.is_dir() and not final.is_symlink():
+        backup = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
+        os.replace(final, backup)
+        os.replace(temporary, final)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    if df.empty:
+        # pyarrow writes no file for an empty partitioned table; keep the schema readable.
+        path.mkdir()
+        df.to_parquet(path / "part-0.parquet", index=False)
+    else:
+        df.to_parquet(path, index=False, partition_cols=["micrograph_name"])
+
+
+def write_table(
+    df: pd.DataFrame | dd.DataFrame, directory: str | os.PathLike[str], stem: str = "peaks"
+) -> dict[str, Path]:
+    """Write a peak table as CSV, parquet (partitioned by micrograph) and STAR.
+
+    Everything is written under temporary names first and renamed into place only when all
+    three succeeded, so an error leaves earlier tables untouched. A dask dataframe is
+    computed once (peak tables are small; computing per format would pick peaks three times).
+
+    Parameters
+    ----------
+    df
+        Peak table (pandas or dask) with at least ``micrograph_name``.
+    directory
+        Output directory (created if missing).
+    stem
+        File name stem: ``STEM.csv``, ``STEM.parquet/``, ``STEM.star``.
+
+    Returns
+    -------
+    dict of str to Path
+        ``{"csv": ..., "parquet": ..., "star": ...}``.
+    """
+    table = df.compute() if isinstance(df, dd.DataFrame) else df
+    table = coerce_peak_dtypes(table)
+    directory = Path(directory)
+    writers: dict[str, tuple[str, Callable[[pd.DataFrame, Path], Any]]] = {
+        "csv": (".csv", lambda t, p: t.to_csv(p, index=False)),
+        "parquet": (".parquet", _write_parquet),
+        "star": (".star", write_star),
+    }
+    finals = {kind: directory / f"{stem}{suffix}" for kind, (suffix, _) in writers.items()}
+    token = uuid.uuid4().hex
+    temporaries = {kind: path.with_name(f".{path.name}.{token}.tmp") for kind, path in finals.items()}
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for kind, (_, write) in writers.items():
+            write(table, temporaries[kind])
+        for kind, final in finals.items():
+            _replace(temporaries[kind], final)
+    except OSError as error:
+        raise OutputError(f"{directory}: cannot write the {stem} tables ({error})") from None
+    finally:
+        for temporary in temporaries.values():
+            if temporary.is_dir():
+                shutil.rmtree(temporary, ignore_errors=True)
+            elif temporary.exists():
+                temporary.unlink()
+    return finals
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    table = pd.read_parquet(path)
+    # A partition column comes back categorical and last: restore type and a stable order.
+    table["micrograph_name"] = table["micrograph_name"].astype(_STR)
+    order = [name for name in ("micrograph_name", "particle_index") if name in table]
+    return table.sort_values(order, kind="stable")
+
+
+def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a peak table from CSV, parquet (file or partitioned directory) or STAR.
+
+    Parameters
+    ----------
+    path
+        ``*.csv``, ``*.parquet`` (file or directory) or ``*.star``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns in :data:`PEAK_COLUMNS` order with :data:`PEAK_DTYPES`, extra columns after.
+        ``micrograph_name`` (micrograph file stem) and ``particle_index`` (row number within
+        the micrograph) are added when absent, e.g. for a Leopard-EM table.
+
+    Raises
+    ------
+    InputError
+        Missing file, unknown format, unreadable content or missing seed columns.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: particle table not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".csv":
+            numeric = [name for name, dtype in PEAK_DTYPES.items() if dtype != _STR]
+            table = pd.read_csv(
+                path,
+                dtype={name: _STR for name in _STRING_COLUMNS},
+                keep_default_na=False,
+                na_values={name: ["", "nan", "NaN"] for name in numeric},
+            )
+        elif suffix == ".parquet":
+            table = _read_parquet(path)
+        elif suffix == ".star":
+            table = read_star(path)
+        else:
+            raise InputError(f"{path}: unknown table format {suffix!r} (use .csv, .parquet, .star)")
+    except (OSError, ValueError, KeyError) as error:
+        if isinstance(error, InputError):
+            raise
+        raise InputError(f"{path}: cannot read the table ({error})") from None
+    missing = [name for name in SEED_DTYPES if name not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing required column(s) {', '.join(missing)}")
+    if "micrograph_name" not in table:
+        table["micrograph_name"] = [Path(p).stem for p in table["micrograph_path"]]
+    if "particle_index" not in table:
+        table["particle_index"] = table.groupby("micrograph_name", sort=False).cumcount()
+    return coerce_peak_dtypes(table, source=str(path))
+
+
+__all__ = [
+    "PEAK_COLUMNS",
+    "PEAK_DTYPES",
+    "SEED_DTYPES",
+    "coerce_peak_dtypes",
+    "empty_peak_table",
+    "read_star",
+    "read_table",
+    "to_star",
+    "write_star",
+    "write_table",
+]

@@ -1,0 +1,121 @@
+"""The job file (``job.json``): every parameter of a run, to trace it and to resume it.
+
+A run records its fingerprint — the parts of the configuration and inputs that determine the
+maps — together with the resolved chunking. ``--resume`` refuses a run whose fingerprint
+differs and names what changed; ``--overwrite`` replaces the earlier results; without either,
+an output directory holding results is never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import dtm
+from dtm.errors import ConfigError, OutputError
+from dtm.io.store import write_json
+
+JOB_FILE = "job.json"
+#: Files and folders of an output directory that belong to a dtm match run.
+RUN_OUTPUTS = ("results.zarr", "maps", "checkpoints", JOB_FILE, "run.json", "peaks.csv",
+               "peaks.parquet", "peaks.star")
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (to notice a changed template or micrograph)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_writable(output_dir: Path) -> None:
+    """Raise :class:`OutputError` unless files can be created in ``output_dir``."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".dtm-write-test-", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"output_dir {output_dir}: not writable ({exc.strerror})") from None
+
+
+def has_results(output_dir: Path) -> bool:
+    """Whether ``output_dir`` holds (part of) an earlier run."""
+    return (output_dir / JOB_FILE).exists() or (output_dir / "results.zarr").exists()
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dictionaries."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def prepare_output(
+    output_dir: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool
+) -> dict[str, Any] | None:
+    """Check the output directory against the run's flags; returns the earlier job if resuming.
+
+    Raises
+    ------
+    OutputError
+        Results exist and neither ``resume`` nor ``overwrite`` was given, or the directory
+        is not writable.
+    ConfigError
+        ``resume`` of a run whose fingerprint differs (the message names what changed).
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite: choose one")
+    exists = has_results(output_dir)
+    if exists and not (resume or overwrite):
+        raise OutputError(
+            f"output_dir {output_dir}: holds results of an earlier run; "
+            "use --resume to continue it or --overwrite to replace it"
+        )
+    previous = None
+    if exists and resume and (output_dir / JOB_FILE).exists():
+        previous = json.loads((output_dir / JOB_FILE).read_text())
+        changed = changed_keys(previous.get("fingerprint", {}), fingerprint)
+        if changed:
+            raise ConfigError(
+                f"--resume: the configuration differs from the run in {output_dir}: "
+                f"{', '.join(changed)} changed (use --overwrite to start again)"
+            )
+    check_writable(output_dir)
+    return previous
+
+
+def clear_outputs(output_dir: Path) -> None:
+    """Remove the files of an earlier run (``--overwrite``), and nothing else."""
+    for name in RUN_OUTPUTS:
+        path = output_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def write_job(output_dir: Path, config: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Record every parameter and the version of this run."""
+    write_json(
+        output_dir / JOB_FILE,
+        {
+            "dtm_version": dtm.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": config,
+            "fingerprint": fingerprint,
+        },
+    )

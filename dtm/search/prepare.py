@@ -1,0 +1,202 @@
+"""Per-micrograph inputs shared by every task of a search.
+
+``prepare_image`` whitens, band-passes and normalises a micrograph (SPEC §2), takes its
+spectrum at the FFT size of the correlation, and builds the filter stack (CTF × whitening ×
+band-pass) that every projection is multiplied by, one plane per relative defocus. The
+result is computed once per micrograph and shared by all of its tasks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import scipy.fft
+
+from dtm.backend import get_fft, get_xp
+from dtm.physics.ctf import ctf_2d
+from dtm.physics.filters import bandpass_filter, radial_power_spectrum, whitening_filter
+
+CorrelationMode = Literal["valid", "same"]
+
+
+@dataclass(frozen=True)
+class Optics:
+    """Microscope and CTF parameters of one micrograph (units as in SPEC §2)."""
+
+    pixel_size: float  # Å
+    voltage: float  # kV
+    spherical_aberration: float  # mm
+    amplitude_contrast_ratio: float
+    defocus_u: float  # Å
+    defocus_v: float  # Å
+    astigmatism_angle: float  # degrees
+    phase_shift: float = 0.0  # degrees
+    ctf_B_factor: float = 0.0  # Å²  # noqa: N815 (the field's established name)
+
+    def ctf(self, shape: tuple[int, int], relative_defocus: np.ndarray, xp: Any = np) -> Any:
+        """CTF planes ``(n_defocus, ny, nx // 2 + 1)`` on the rfft grid of ``shape``."""
+        return ctf_2d(
+            shape,
+            pixel_size=self.pixel_size,
+            voltage=self.voltage,
+            spherical_aberration=self.spherical_aberration,
+            amplitude_contrast_ratio=self.amplitude_contrast_ratio,
+            defocus_u=self.defocus_u,
+            defocus_v=self.defocus_v,
+            astigmatism_angle=self.astigmatism_angle,
+            phase_shift=self.phase_shift,
+            b_factor=self.ctf_B_factor,
+            relative_defocus=relative_defocus,
+            xp=xp,
+        )
+
+
+@dataclass(frozen=True)
+class FilterSettings:
+    """Whitening and band-pass applied to micrograph and projections alike."""
+
+    whitening: bool = True
+    whitening_max_freq: float = 0.5  # cycles/pixel
+    whitening_bins: int | None = None
+    low_resolution: float | None = None  # Å, band-pass low cut-off
+    high_resolution: float | None = None  # Å, band-pass high cut-off
+    bandpass_falloff: float | None = None  # cycles/pixel
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """Everything a correlation task needs from one micrograph.
+
+    Attributes
+    ----------
+    spectrum : array
+        ``(Fy, Fx // 2 + 1)`` complex64, rfft2 of the normalised micrograph zero-padded
+        along its bottom and right edges to ``fft_shape``.
+    filters : array
+        ``(n_defocus, h, w // 2 + 1)`` float32, CTF × whitening × band-pass on the rfft grid
+        of the template box, zero at the origin.
+    image_shape, box_shape, fft_shape, out_shape : tuple of int
+        ``(H, W)``, ``(h, w)``, ``(Fy, Fx)`` and the map shape of the correlation mode.
+    """
+
+    spectrum: Any
+    filters: Any
+    image_shape: tuple[int, int]
+    box_shape: tuple[int, int]
+    fft_shape: tuple[int, int]
+    out_shape: tuple[int, int]
+    mode: CorrelationMode = "valid"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def output_shape(
+    image_shape: tuple[int, int], box_shape: tuple[int, int], mode: CorrelationMode
+) -> tuple[int, int]:
+    """Map shape: ``(H - h + 1, W - w + 1)`` for ``valid``, ``(H, W)`` for ``same``."""
+    (H, W), (h, w) = image_shape, box_shape
+    if mode == "valid":
+        return (H - h + 1, W - w + 1)
+    if mode == "same":
+        return (H, W)
+    raise ValueError(f"correlation_mode: must be 'valid' or 'same' (got {mode!r})")
+
+
+def fft_shape_for(
+    image_shape: tuple[int, int], box_shape: tuple[int, int], mode: CorrelationMode
+) -> tuple[int, int]:
+    """Smallest fast FFT size without wrap-around into the positions of the map.
+
+    ``valid`` positions never reach past the image, so the image size suffices; ``same``
+    positions need ``H + h - 1`` rows (SPEC §2).
+    """
+    (H, W), (h, w) = image_shape, box_shape
+    if mode == "same":
+        H, W = H + h - 1, W + w - 1
+    return (scipy.fft.next_fast_len(H, real=True), scipy.fft.next_fast_len(W, real=True))
+
+
+def _filter(
+    shape: tuple[int, int],
+    settings: FilterSettings,
+    pixel_size: float,
+    profile: tuple[np.ndarray, np.ndarray] | None,
+    xp: Any,
+) -> Any:
+    """Whitening × band-pass on the rfft grid of ``shape`` (ones when both are off)."""
+    result = xp.ones((shape[0], shape[1] // 2 + 1), dtype=np.float32)
+    if profile is not None:
+        k, power = profile
+        result = result * whitening_filter(
+            k, power, shape, max_freq=settings.whitening_max_freq, xp=xp
+        )
+    if settings.low_resolution is not None or settings.high_resolution is not None:
+        result = result * bandpass_filter(
+            shape,
+            pixel_size=pixel_size,
+            low_resolution=settings.low_resolution,
+            high_resolution=settings.high_resolution,
+            falloff=settings.bandpass_falloff,
+            xp=xp,
+        )
+    return result
+
+
+def prepare_image(
+    micrograph: Any,
+    *,
+    box_shape: tuple[int, int],
+    optics: Optics,
+    relative_defocus: np.ndarray,
+    filters: FilterSettings = FilterSettings(),  # noqa: B008 (frozen, immutable default)
+    mode: CorrelationMode = "valid",
+) -> ImageInputs:
+    """Filter and normalise a micrograph and build its projection filters (SPEC §2).
+
+    Parameters
+    ----------
+    micrograph : array
+        ``(H, W)`` float32 image (numpy or cupy; the result lives on the same device).
+    box_shape : tuple of int
+        ``(h, w)`` of the template's projections.
+    optics : Optics
+        CTF parameters of this micrograph.
+    relative_defocus : numpy.ndarray
+        ``(n_defocus,)`` relative defocus values in Å, in search order.
+    filters : FilterSettings
+        Whitening and band-pass settings.
+    mode : {"valid", "same"}
+        Correlation mode, which fixes the map and FFT shapes.
+    """
+    xp = get_xp(micrograph)
+    fft = get_fft(xp)
+    image = xp.asarray(micrograph, dtype=np.float32)
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    profile = None
+    if filters.whitening:
+        k, power = radial_power_spectrum(image, n_bins=filters.whitening_bins)
+        profile = (np.asarray(k), np.asarray(power))
+    spectrum = fft.rfft2(image)
+    spectrum *= _filter(shape, filters, optics.pixel_size, profile, xp)
+    spectrum[0, 0] = 0
+    filtered = fft.irfft2(spectrum, s=shape)
+    # Pixel variance 1/(H*W) makes each correlation with a unit-variance projection ~N(0, 1).
+    filtered *= 1.0 / (float(filtered.std()) * np.sqrt(shape[0] * shape[1]))
+    fft_shape = fft_shape_for(shape, box_shape, mode)
+    padded_spectrum = fft.rfft2(filtered, s=fft_shape).astype(np.complex64)
+
+    ctf = optics.ctf(box_shape, relative_defocus, xp=xp)
+    stack = (ctf * _filter(box_shape, filters, optics.pixel_size, profile, xp)[None]).astype(
+        np.float32
+    )
+    stack[:, 0, 0] = 0
+    return ImageInputs(
+        spectrum=padded_spectrum,
+        filters=stack,
+        image_shape=shape,
+        box_shape=box_shape,
+        fft_shape=fft_shape,
+        out_shape=output_shape(shape, box_shape, mode),
+        mode=mode,
+    )

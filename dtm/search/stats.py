@@ -1,0 +1,174 @@
+"""Partial statistics of a search, their merge and their final maps (SPEC §4).
+
+A :class:`PartialStats` covers a set of correlations (a chunk, or a merged subtree of
+chunks): the per-position maximum with the global search index that produced it, and the
+per-position sums of the correlation and its square in float64. The merge is associative and
+commutative for the maximum and breaks ties on the lowest index, so any split of the search
+and any reduction tree gives the same MIP and angle maps; the float64 sums agree to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dtm.backend import get_xp, to_numpy
+from dtm.search.space import SearchSpace
+
+MAP_NAMES = (
+    "mip",
+    "scaled_mip",
+    "correlation_mean",
+    "correlation_variance",
+    "phi",
+    "theta",
+    "psi",
+    "defocus",
+)
+
+
+@dataclass
+class PartialStats:
+    """Statistics of ``count`` correlations at every position of the output map.
+
+    Attributes
+    ----------
+    mip : array
+        ``(Hm, Wm)`` float32, maximum correlation.
+    best_index : array
+        ``(Hm, Wm)`` int64, global search index of the maximum (lowest on ties).
+    total : array
+        ``(Hm, Wm)`` float64, sum of the correlations.
+    total_sq : array
+        ``(Hm, Wm)`` float64, sum of the squared correlations.
+    count : int
+        Number of correlations summed at every position.
+    """
+
+    mip: Any
+    best_index: Any
+    total: Any
+    total_sq: Any
+    count: int
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], xp: Any = np) -> PartialStats:
+        """Statistics of no correlation: the identity of :func:`merge`."""
+        return cls(
+            mip=xp.full(shape, -np.inf, dtype=np.float32),
+            best_index=xp.full(shape, np.iinfo(np.int64).max, dtype=np.int64),
+            total=xp.zeros(shape, dtype=np.float64),
+            total_sq=xp.zeros(shape, dtype=np.float64),
+            count=0,
+        )
+
+    def to_numpy(self) -> PartialStats:
+        """A host copy (for merging on CPU workers, checkpoints and persistence)."""
+        return PartialStats(
+            to_numpy(self.mip),
+            to_numpy(self.best_index),
+            to_numpy(self.total),
+            to_numpy(self.total_sq),
+            self.count,
+        )
+
+    def save(self, path: str) -> None:
+        """Write to an ``.npz`` file (callers make it atomic)."""
+        host = self.to_numpy()
+        with open(path, "wb") as f:
+            np.savez(
+                f,
+                mip=host.mip,
+                best_index=host.best_index,
+                total=host.total,
+                total_sq=host.total_sq,
+                count=np.int64(host.count),
+            )
+
+    @classmethod
+    def load(cls, path: str) -> PartialStats:
+        with np.load(path) as data:
+            return cls(
+                data["mip"], data["best_index"], data["total"], data["total_sq"], int(data["count"])
+            )
+
+
+def update(stats: PartialStats, correlations: Any, first_index: int) -> None:
+    """Fold a batch of correlation maps into ``stats`` in place.
+
+    Parameters
+    ----------
+    stats : PartialStats
+        Running statistics, updated in place.
+    correlations : array
+        ``(n, Hm, Wm)`` float32, maps with global indices ``first_index + arange(n)``.
+    first_index : int
+        Global search index of ``correlations[0]``; must exceed every index already in
+        ``stats`` so that the strict comparison below keeps the lowest index on ties.
+    """
+    xp = get_xp(correlations)
+    # argmax returns the first maximum, i.e. the lowest index within the batch.
+    batch_best = xp.argmax(correlations, axis=0)
+    batch_max = xp.take_along_axis(correlations, batch_best[None], axis=0)[0]
+    better = batch_max > stats.mip
+    stats.mip = xp.where(better, batch_max, stats.mip)
+    stats.best_index = xp.where(better, batch_best.astype(np.int64) + first_index, stats.best_index)
+    stats.total += correlations.sum(axis=0, dtype=np.float64)
+    stats.total_sq += xp.einsum("ijk,ijk->jk", correlations, correlations, dtype=np.float64)
+    stats.count += int(correlations.shape[0])
+
+
+def merge(a: PartialStats, b: PartialStats) -> PartialStats:
+    """Merge two partial statistics; ties in the maximum go to the lower search index."""
+    xp = get_xp(a.mip, b.mip)
+    take_b = (b.mip > a.mip) | ((b.mip == a.mip) & (b.best_index < a.best_index))
+    return PartialStats(
+        mip=xp.where(take_b, b.mip, a.mip),
+        best_index=xp.where(take_b, b.best_index, a.best_index),
+        total=a.total + b.total,
+        total_sq=a.total_sq + b.total_sq,
+        count=a.count + b.count,
+    )
+
+
+def merge_all(parts: list[PartialStats]) -> PartialStats:
+    """Merge a list of partial statistics from left to right (a fixed order)."""
+    result = parts[0]
+    for part in parts[1:]:
+        result = merge(result, part)
+    return result
+
+
+def finalise(stats: PartialStats, space: SearchSpace) -> dict[str, np.ndarray]:
+    """The eight statistics maps of SPEC §4 from complete partial statistics.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``(Hm, Wm)`` float32 maps named as :data:`MAP_NAMES`: ``correlation_variance`` is
+        the variance (not the standard deviation); angles in degrees, defocus in Å.
+    """
+    host = stats.to_numpy()
+    if host.count != space.n_correlations:
+        raise ValueError(
+            f"statistics cover {host.count} correlations, the search has {space.n_correlations}"
+        )
+    mean = host.total / host.count
+    variance = np.maximum(host.total_sq / host.count - mean**2, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(variance > 0, (host.mip - mean) / np.sqrt(variance), 0.0)
+    orientation, defocus = space.decode(host.best_index)
+    euler = space.euler[orientation]
+    maps = {
+        "mip": host.mip,
+        "scaled_mip": scaled,
+        "correlation_mean": mean,
+        "correlation_variance": variance,
+        "phi": euler[..., 0],
+        "theta": euler[..., 1],
+        "psi": euler[..., 2],
+        "defocus": space.defocus[defocus],
+    }
+    return {name: np.ascontiguousarray(maps[name], dtype=np.float32) for name in MAP_NAMES}

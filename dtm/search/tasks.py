@@ -1,0 +1,130 @@
+"""Functions that run as Dask tasks of a search (on workers, never holding global state).
+
+Each task reads only its arguments and writes only its own files, so Dask may rerun any of
+them (after a lost worker, or on resume) and get the same result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtm.io.mrc import read_micrograph, read_template
+from dtm.io.store import build_dataset, export_maps, write_atomic, write_dataset
+from dtm.physics.projection import PreparedTemplate, prepare_template
+from dtm.search.kernel import correlate_chunk
+from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
+from dtm.search.space import SearchSpace
+from dtm.search.stats import PartialStats, finalise, merge_all
+
+#: Per-process copies of shared inputs on the GPU, keyed by the input's identity.
+_DEVICE_CACHE: dict[tuple[str, int], Any] = {}
+
+
+@dataclass(frozen=True)
+class MicrographTask:
+    """What a worker needs to prepare one micrograph."""
+
+    name: str
+    path: str
+    optics: Optics
+    box_shape: tuple[int, int]
+    filters: FilterSettings
+    mode: str
+
+
+def _to_device(kind: str, value: Any, device: str) -> Any:
+    """A GPU copy of a shared input, made once per worker process."""
+    if device != "gpu":
+        return value
+    import cupy  # noqa: PLC0415 (optional dependency, GPU workers only)
+
+    key = (kind, id(value))
+    if key not in _DEVICE_CACHE:
+        if len(_DEVICE_CACHE) > 8:
+            _DEVICE_CACHE.clear()
+        if isinstance(value, PreparedTemplate):
+            _DEVICE_CACHE[key] = replace(value, spectrum=cupy.asarray(value.spectrum))
+        else:
+            _DEVICE_CACHE[key] = replace(
+                value, spectrum=cupy.asarray(value.spectrum), filters=cupy.asarray(value.filters)
+            )
+    return _DEVICE_CACHE[key]
+
+
+def load_template(path: str) -> PreparedTemplate:
+    """Read the template and prepare its spectrum for slicing."""
+    return prepare_template(read_template(path).data)
+
+
+def load_micrograph(task: MicrographTask, relative_defocus: np.ndarray) -> ImageInputs:
+    """Read, whiten and normalise a micrograph; build its filter stack."""
+    micrograph = read_micrograph(task.path)
+    return prepare_image(
+        micrograph.data,
+        box_shape=task.box_shape,
+        optics=task.optics,
+        relative_defocus=relative_defocus,
+        filters=task.filters,
+        mode=task.mode,  # type: ignore[arg-type]
+    )
+
+
+def correlate(
+    image: ImageInputs,
+    template: PreparedTemplate,
+    space: SearchSpace,
+    start: int,
+    stop: int,
+    device: str = "cpu",
+) -> PartialStats:
+    """Partial statistics of orientations ``[start, stop)`` × every defocus plane."""
+    image = _to_device("image", image, device)
+    template = _to_device("template", template, device)
+    stats = correlate_chunk(image, template, space.euler[start:stop], start)
+    return stats.to_numpy()
+
+
+def merge(*parts: PartialStats, checkpoint: str | None = None) -> PartialStats:
+    """Merge partial statistics in a fixed order; optionally persist the result."""
+    merged = merge_all(list(parts))
+    if checkpoint is not None:
+        write_atomic(Path(checkpoint), merged.save)
+    return merged
+
+
+def load_checkpoint(path: str) -> PartialStats:
+    """Partial statistics persisted by an earlier (interrupted) run."""
+    return PartialStats.load(path)
+
+
+def persist(
+    stats: PartialStats,
+    space: SearchSpace,
+    *,
+    output_dir: str,
+    group: str | None,
+    prefix: str,
+    pixel_size: float,
+    attrs: dict[str, Any],
+    extra_paths: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Finalise the maps, write the `.mrc` files and the zarr dataset; a small summary."""
+    maps = finalise(stats, space)
+    out = Path(output_dir)
+    map_paths = export_maps(
+        maps, out / "maps", pixel_size=pixel_size, prefix=prefix, extra_paths=extra_paths
+    )
+    attrs = {**attrs, "map_paths": map_paths, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    dataset = build_dataset(maps, pixel_size=pixel_size, attrs=attrs)
+    write_dataset(dataset, out / "results.zarr", group)
+    return {
+        "name": attrs["micrograph_name"],
+        "max_scaled_mip": float(np.max(maps["scaled_mip"])),
+        "pid": os.getpid(),
+    }

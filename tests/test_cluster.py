@@ -1,0 +1,229 @@
+"""dtm.cluster: real local clusters, a real external scheduler, jobqueue scripts, errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+import time
+
+import pytest
+
+from dtm.cluster import (
+    connect,
+    dashboard_link,
+    ensure_workers,
+    gpu_unavailable_reason,
+    jobqueue_cluster,
+    resolve_kind,
+    worker_count,
+    worker_threads,
+)
+from dtm.config import ClusterConfig
+from dtm.errors import ClusterError, ConfigError, DtmError
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_local_cluster_two_worker_processes_closed_at_exit(capsys: pytest.CaptureFixture[str]):
+    config = ClusterConfig(n_workers=2, threads_per_worker=1, dashboard_address=":0")
+    with connect(config) as client:
+        assert worker_count(client) == 2
+        assert worker_threads(client) == 2
+        pids = set(client.run(os.getpid).values())
+        link = dashboard_link(client)
+    assert len(pids) == 2 and os.getpid() not in pids  # processes, not threads
+    assert client.status == "closed"
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and link.startswith("http") and link in printed[0]
+    deadline = time.monotonic() + 10
+    while any(_pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_pid_alive(pid) for pid in pids), "worker processes survive the context"
+
+
+def test_local_cluster_override_and_busy_dashboard_port(capsys: pytest.CaptureFixture[str]):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = ClusterConfig(n_workers=2, dashboard_address=f":{port}")
+        with connect(config, n_workers=1, quiet=True) as client:  # the CLI override wins
+            assert worker_count(client) == 1
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+            link = dashboard_link(client)
+    assert link.startswith("http") and f":{port}/" not in link
+    assert capsys.readouterr().out == ""  # quiet
+
+
+def test_address_kind_uses_external_cluster_and_leaves_it_running(dask_cli_cluster):
+    config = ClusterConfig(scheduler_address=dask_cli_cluster.address)
+    assert config.kind == "address"
+    with connect(config, quiet=True) as client:
+        assert worker_count(client) == 2
+        ensure_workers(client, 2, timeout=5)
+        pids = set(client.run(os.getpid).values())
+        assert client.submit(pow, 3, 4).result() == 81
+    worker_pids = {proc.pid for proc in dask_cli_cluster.worker_procs}
+    assert len(pids) == 2 and not pids & {os.getpid()}
+    assert all(proc.poll() is None for proc in dask_cli_cluster.worker_procs), worker_pids
+    assert dask_cli_cluster.connected_workers() == 2
+
+
+def test_address_from_scheduler_file_and_cli_override(dask_cli_cluster):
+    # a config asking for slurm is overridden by --scheduler (the file written by the scheduler)
+    config = ClusterConfig(kind="slurm", cores=1, memory="1GB")
+    with connect(
+        config, scheduler_address=str(dask_cli_cluster.scheduler_file), quiet=True
+    ) as client:
+        assert client.scheduler.address == dask_cli_cluster.address
+        with pytest.raises(ClusterError, match=r"3 needed"):
+            ensure_workers(client, 3, timeout=0.5)
+
+
+def test_unreachable_scheduler_fails_fast_with_one_line():
+    start = time.monotonic()
+    with pytest.raises(ClusterError) as error, connect(scheduler_address="tcp://127.0.0.1:1"):
+        pass
+    assert time.monotonic() - start < 5
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("scheduler tcp://127.0.0.1:1: cannot connect")
+    assert isinstance(error.value, DtmError)  # the CLI prints it as one line, exit 2
+
+
+def test_missing_scheduler_file_is_a_cluster_error(tmp_path):
+    with pytest.raises(ClusterError, match="scheduler file .*nope.json"):
+        with connect(scheduler_address=str(tmp_path / "nope.json")):
+            pass
+
+
+def test_resolve_kind_overrides():
+    assert resolve_kind(None) == "local"
+    assert resolve_kind(None, device="gpu") == "gpu-local"
+    assert resolve_kind(ClusterConfig(kind="slurm"), device="gpu") == "slurm"
+    assert resolve_kind(ClusterConfig(kind="pbs"), scheduler_address="tcp://h:1") == "address"
+
+
+@pytest.mark.parametrize(
+    ("kind", "module", "extra"),
+    [
+        ("slurm", "dask_jobqueue", "dtm[slurm]"),
+        ("pbs", "dask_jobqueue", "dtm[pbs]"),
+        ("kubernetes", "dask_kubernetes", "dtm[kubernetes]"),
+    ],
+)
+def test_missing_optional_dependency_names_the_extra(monkeypatch, kind, module, extra):
+    # None in sys.modules makes `import module` fail, as when the package is not installed
+    monkeypatch.setitem(sys.modules, module, None)
+    config = ClusterConfig(kind=kind, cores=2, memory="4GB", image="example/dtm:1")
+    with pytest.raises(
+        ClusterError, match=rf"kind {kind} needs .*pip install '{re.escape(extra)}'"
+    ):
+        with connect(config):
+            pass
+
+
+def _jobqueue_installed() -> bool:
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _job_script(config: ClusterConfig) -> str:
+    cluster = jobqueue_cluster(config)
+    try:
+        return str(cluster.job_script())
+    finally:
+        cluster.close()
+
+
+SLURM_GPU = dict(
+    kind="slurm",
+    queue="gpu-a100",
+    account="cryoem42",
+    walltime="02:30:00",
+    cores=8,
+    memory="64GB",
+    gpus_per_job=2,
+    job_extra_directives=["--constraint=a100"],
+    local_directory="/scratch/dtm",
+    dashboard_address=":0",
+)
+
+
+def test_slurm_job_script_has_the_configured_directives():
+    config = ClusterConfig(**SLURM_GPU)
+    if not _jobqueue_installed():  # then the kind must say which extra to install
+        with pytest.raises(ClusterError, match=r"pip install 'dtm\[slurm\]'"):
+            jobqueue_cluster(config)
+        return
+    lines = _job_script(config).splitlines()
+    for directive in ("-p gpu-a100", "-A cryoem42", "-t 02:30:00", "--cpus-per-task=8",
+                      "--gres=gpu:2", "--constraint=a100"):  # fmt: skip
+        assert f"#SBATCH {directive}" in lines
+    command = lines[-1]
+    assert " -m dask cuda worker " in command  # one dask-cuda worker per GPU
+    assert "--nthreads 4" in command and "--local-directory /scratch/dtm" in command
+
+
+def test_pbs_job_script_has_the_configured_directives():
+    config = ClusterConfig(**{**SLURM_GPU, "kind": "pbs", "job_extra_directives": []})
+    if not _jobqueue_installed():
+        with pytest.raises(ClusterError, match=r"pip install 'dtm\[pbs\]'"):
+            jobqueue_cluster(config)
+        return
+    lines = _job_script(config).splitlines()
+    for directive in ("-q gpu-a100", "-A cryoem42", "-l walltime=02:30:00"):
+        assert f"#PBS {directive}" in lines
+    assert any(line.startswith("#PBS -l select=1:ncpus=8:ngpus=2:mem=") for line in lines)
+    cpu_config = ClusterConfig(**{**SLURM_GPU, "kind": "pbs", "gpus_per_job": 0})
+    command = _job_script(cpu_config).splitlines()[-1]
+    assert "distributed.cli.dask_worker" in command and "--nthreads 8" in command
+
+
+def test_jobqueue_needs_cores_and_memory():
+    config = ClusterConfig(kind="slurm", memory="4GB")
+    expected = (ConfigError, "cluster.cores") if _jobqueue_installed() else (ClusterError, "")
+    with pytest.raises(expected[0], match=expected[1]):
+        jobqueue_cluster(config)
+
+
+def test_gpu_local_needs_a_working_gpu():
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        with pytest.raises(ClusterError, match=r"^device gpu: no working CUDA GPU \("):
+            with connect(device="gpu"):
+                pass
+        return
+    import cupy
+
+    with connect(ClusterConfig(device="gpu", dashboard_address=":0"), quiet=True) as client:
+        assert worker_count(client) == cupy.cuda.runtime.getDeviceCount()
+        total = client.submit(lambda: float(cupy.arange(4, dtype=cupy.float32).sum()))
+        assert total.result() == 6.0
+
+
+def _square(value: int) -> int:
+    return value * value
+
+
+def test_external_cluster_loses_and_regains_a_worker(dask_cli_cluster):
+    dask_cli_cluster.kill_worker(0)
+    deadline = time.monotonic() + 30
+    while dask_cli_cluster.connected_workers() != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert dask_cli_cluster.connected_workers() == 1
+    dask_cli_cluster.restore_workers()
+    with connect(scheduler_address=dask_cli_cluster.address, quiet=True) as client:
+        assert worker_count(client) == 2
+        # functions of test modules unpickle on the external workers too
+        assert client.gather(client.map(_square, range(4))) == [0, 1, 4, 9]
