@@ -127,7 +127,7 @@ def _centres(table: pd.DataFrame, positions: str) -> tuple[np.ndarray, np.ndarra
     missing = [name for name in names if name not in table]
     if missing:
         raise InputError(f"particle table: missing column(s) {', '.join(missing)}")
-    return tuple(table[name].to_numpy(dtype=np.int64) for name in names)  # type: ignore[return-value]
+    return table[names[0]].to_numpy(dtype=np.int64), table[names[1]].to_numpy(dtype=np.int64)
 
 
 def _pair(value: tuple[int, int] | int, name: str) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from dtm.errors import ConfigError, InputError
 from dtm.io.store import result_groups
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
 
+#: ``PEAK_COLUMNS`` is re-exported: the ordered columns of a peak table.
 __all__ = [
     "PEAK_COLUMNS",
     "default_min_distance",
@@ -58,28 +59,15 @@ _MAP_PATH_COLUMNS = {
 }
 
 #: Per-micrograph attributes copied into every row.
-_OPTICS = [
-    "defocus_u",
-    "defocus_v",
-    "astigmatism_angle",
-    "pixel_size",
-    "voltage",
-    "spherical_aberration",
-    "amplitude_contrast_ratio",
-    "phase_shift",
-    "ctf_B_factor",
-]
+_OPTICS = (
+    "defocus_u defocus_v astigmatism_angle pixel_size voltage spherical_aberration "
+    "amplitude_contrast_ratio phase_shift ctf_B_factor"
+).split()
 
-_REQUIRED_ATTRS = [
-    "micrograph_name",
-    "micrograph_path",
-    "template_path",
-    "template_shape",
-    "image_shape",
-    "correlation_mode",
-    "total_correlations",
-    *_OPTICS,
-]
+_REQUIRED_ATTRS = (
+    "micrograph_name micrograph_path template_path template_shape image_shape "
+    "correlation_mode total_correlations"
+).split() + _OPTICS
 
 #: Largest number of (peak, offset) pairs handled at once when suppressing neighbourhoods.
 _SUPPRESS_BATCH = 1 << 22

@@ -300,16 +300,20 @@ def demo_dataset(
     directory: str | Path,
     *,
     seed: int = 0,
-    micrograph_shape: tuple[int, int] = (384, 384),
-    box_size: int = 32,
+    micrograph_shape: tuple[int, int] = (480, 480),
+    box_size: int = 64,
     pixel_size: float = 3.0,
     n_particles: int = 6,
-    signal_scale: float = 12.0,
+    n_atoms: int = 4000,
+    signal_scale: float = 18.0,
+    low_frequency_noise: float = 5.0,
 ) -> dict[str, Any]:
     """Write a small simulated data set for ``dtm demo``: ``micrograph.mrc``, ``template.mrc``.
 
-    Particles (about 60 Å across in a 96 Å box) are planted at orientations of the 15°/15°
-    uniform grid and at relative defocus -400, 0 or 400 Å, so a search with that grid and
+    Particles (about 130 Å across in a 192 Å box: a molecule this size has projections that
+    differ enough between orientations for the scaled MIP to single it out, where a small
+    compact one raises the correlation variance at its own position as much as its MIP) are
+    planted at orientations of the 15°/15° uniform grid and at relative defocus -400, 0 or 400 Å, so a search with that grid and
     ``defocus_min=-400, defocus_max=400, defocus_step=400`` can find them exactly.
 
     Parameters
@@ -318,8 +322,8 @@ def demo_dataset(
         Output directory (created if missing).
     seed
         Random seed of template, positions and noise.
-    micrograph_shape, box_size, pixel_size, n_particles, signal_scale
-        Size of the data set; see :func:`simulate_micrograph`.
+    micrograph_shape, box_size, pixel_size, n_particles, n_atoms, signal_scale, low_frequency_noise
+        Size of the data set; see :func:`simulate_template` and :func:`simulate_micrograph`.
 
     Returns
     -------
@@ -348,7 +352,7 @@ def demo_dataset(
         "phase_shift": 0.0,
         "b_factor": 0.0,
     }
-    template = simulate_template(box_size, pixel_size=pixel_size, n_atoms=1000, seed=seed)
+    template = simulate_template(box_size, pixel_size=pixel_size, n_atoms=n_atoms, seed=seed)
     grid = uniform_grid(psi_step=search["psi_step"], theta_step=search["theta_step"])
     particles = random_particles(
         n_particles,
@@ -365,6 +369,7 @@ def demo_dataset(
         particles,
         pixel_size=pixel_size,
         signal_scale=signal_scale,
+        low_frequency_noise=low_frequency_noise,
         seed=seed + 2,
         **optics,
     )

@@ -141,4 +141,8 @@ def test_failed_write_leaves_earlier_tables_untouched(tmp_path):
         write_table(broken, tmp_path)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     assert after == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peaks.csv", "peaks.parquet", "peaks.star"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "peaks.csv",
+        "peaks.parquet",
+        "peaks.star",
+    ]

@@ -147,7 +147,8 @@ def result_groups(store: str | Path) -> list[str | None]:
     root = zarr.open_group(str(store), mode="r")
     if "mip" in root.array_keys():
         return [None]
-    return sorted(root.group_keys())
+    groups: list[str | None] = [str(name) for name in sorted(root.group_keys())]
+    return groups
 
 
 def open_results(path: str | Path) -> dict[str, xr.Dataset]:

@@ -257,7 +257,9 @@ def write_table(
     }
     finals = {kind: directory / f"{stem}{suffix}" for kind, (suffix, _) in writers.items()}
     token = uuid.uuid4().hex
-    temporaries = {kind: path.with_name(f".{path.name}.{token}.tmp") for kind, path in finals.items()}
+    temporaries = {
+        kind: path.with_name(f".{path.name}.{token}.tmp") for kind, path in finals.items()
+    }
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for kind, (_, write) in writers.items():

@@ -127,7 +127,9 @@ def whitening_filter(
     max_freq : float
         Cycles/pixel (Leopard-EM's ``max_freq``). ``W`` is interpolated linearly in ``|k|``
         and scaled so that its maximum over ``|k| <= max_freq`` is 1; above ``max_freq`` it
-        is 1 (Leopard-EM's behaviour).
+        keeps its value at ``max_freq``. (Leopard-EM sets it to 1 there; a jump to 1 makes
+        the corners of the spectrum louder than the whitened band, which biases the
+        normalisation of SPEC §2, so dtm continues the filter instead.)
     xp : module
         Array module of the result.
 
@@ -154,7 +156,8 @@ def whitening_filter(
     )
     inside = radius <= max_freq
     peak = float(xp.max(xp.where(inside, filt, 0.0))) if bool(inside.any()) else 1.0
-    filt = xp.where(inside, filt / peak, 1.0)
+    edge = float(xp.interp(xp.asarray([max_freq]), xp.asarray(k_np[usable]), xp.asarray(amplitude))[0])
+    filt = xp.where(inside, filt, edge) / peak
     return filt.astype(xp.float32)
 
 
