@@ -147,8 +147,8 @@ def _free_dashboard_address(address: str | None) -> str | None:
     if not address:
         return None
     host, _, port = address.rpartition(":")
-    if not port or int(port) == 0:
-        return address
+    if not port.isdigit() or int(port) == 0:
+        return address  # a random port already, or for distributed to judge
     with socket.socket() as probe:
         try:
             probe.bind((host.strip("[]") or "", int(port)))
@@ -329,7 +329,9 @@ def connect(
     scheduler_address, n_workers, device
         Command-line overrides (``--scheduler``, ``--workers``, ``--device``); they win over
         the configuration. An address may be ``tcp://host:port``, ``host:port`` or the path
-        of a ``dask scheduler --scheduler-file`` JSON file.
+        of a ``dask scheduler --scheduler-file`` JSON file. ``n_workers`` is the number of
+        worker processes (local), of GPU workers (gpu-local), of jobs (slurm, pbs) or of
+        worker pods (kubernetes); an external scheduler keeps its own workers.
     quiet
         Do not print the one-line summary with the dashboard link.
 

@@ -37,10 +37,19 @@ def file_digest(path: str | Path) -> str:
 
 
 def check_writable(output_dir: Path) -> None:
-    """Raise :class:`OutputError` unless files can be created in ``output_dir``."""
+    """Raise :class:`OutputError` unless ``output_dir`` exists writable or can be created.
+
+    Nothing is created here: a run that fails later must not leave an empty directory.
+    """
+    existing = output_dir
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"output_dir {output_dir}: not writable ({existing} is not a directory)")
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".dtm-write-test-", dir=output_dir)
+        fd, probe = tempfile.mkstemp(prefix=".dtm-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:

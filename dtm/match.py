@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -239,9 +240,6 @@ def match_template(
     chunk_size = config.cluster.chunk_size or auto_chunk_size(space, fft_shape)
     fingerprint = _fingerprint(config, plans, chunk_size)
     previous = prepare_output(output_dir, fingerprint, resume=resume, overwrite=overwrite)
-    if overwrite:
-        clear_outputs(output_dir)
-    write_job(output_dir, config_to_dict(config), fingerprint)
     done = _completed_from_report(output_dir) if previous is not None else set()
 
     chunks = space.chunks(chunk_size)
@@ -259,14 +257,19 @@ def match_template(
             )
         ensure_workers(client, 1)
         print(f"dashboard: {dashboard_link(client)}", file=out)
+        # Only now, with valid inputs and a cluster, may the earlier results go.
+        if overwrite:
+            clear_outputs(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_job(output_dir, config_to_dict(config), fingerprint)
         run_device = device or config.cluster.device
-        _run(client, config, plans, template, space, chunks, done, output_dir, start,
-             run_device, out)  # fmt: skip
+        tasks_run = _run(client, config, plans, template, space, chunks, done, output_dir,
+                         start, run_device, out)  # fmt: skip
         _write_peaks(config, output_dir, out)
     wall = time.perf_counter() - t0
     n_searched = sum(1 for p in plans if p.status == "done")
     rate = n_searched * space.n_correlations / wall if wall > 0 else 0.0
-    _write_report(output_dir, plans, wall)
+    _write_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
     print(f"finished in {format_duration(wall)} ({rate:,.0f} correlations/s overall); "
           f"results in {output_dir}/ (results.zarr, maps/, peaks.csv, run.json)", file=out)  # fmt: skip
     failed = [p for p in plans if p.status == "failed"]
@@ -288,7 +291,7 @@ def _run(
     client: distributed.Client, config: MatchConfig, plans: list[MicrographPlan],
     template: MrcData, space: SearchSpace, chunks: list[tuple[int, int]], done: set[str],
     output_dir: Path, start: str, device: str, out: TextIO,
-) -> None:  # fmt: skip
+) -> int:  # fmt: skip
     """Build one graph for every micrograph still to search, run it, record each outcome."""
     single = len(plans) == 1
     box = (int(template.data.shape[1]), int(template.data.shape[2]))
@@ -327,21 +330,28 @@ def _run(
         todo.append(plan)
         n_tasks += n_leaves
     if not roots:
-        return
+        return 0
     per_task = space.n_correlations / max(len(chunks), 1)
+    if n_tasks < len(chunks) * len(todo):
+        print(f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "
+              "tasks restored from checkpoints", file=out)  # fmt: skip
     futures = client.compute(roots)
-    started = {p.name: time.perf_counter() for p in todo}
+    plan_of = {future.key: plan for future, plan in zip(futures, todo, strict=True)}
+    started = time.perf_counter()
     with Progress(client, n_tasks, per_task, stream=out):
-        for future, plan in zip(futures, todo, strict=True):
+        for future in distributed.as_completed(futures):
+            plan = plan_of[future.key]
             try:
                 future.result()
                 plan.status = "done"
+                shutil.rmtree(output_dir / "checkpoints" / token(plan.name), ignore_errors=True)
             except DtmError as exc:
                 if len(plans) == 1:
                     raise
                 plan.status, plan.error = "failed", str(exc)
-            plan.seconds = time.perf_counter() - started[plan.name]
+            plan.seconds = time.perf_counter() - started
             _write_report(output_dir, plans, None)
+    return n_tasks
 
 
 def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:
@@ -366,13 +376,19 @@ def _min_distance_pixels(config: MatchConfig) -> float | None:
     return peaks.min_distance_pixels
 
 
-def _write_report(output_dir: Path, plans: list[MicrographPlan], wall: float | None) -> None:
+def _write_report(
+    output_dir: Path, plans: list[MicrographPlan], wall: float | None,
+    tasks: tuple[int, int] | None = None,
+) -> None:  # fmt: skip
     """``run.json``: per micrograph status, timing and error; versions."""
     write_json(
         output_dir / "run.json",
         {
             "finished": wall is not None,
             "wall_seconds": wall,
+            # Correlate tasks computed by this invocation / in the whole search.
+            "tasks_computed": None if tasks is None else tasks[0],
+            "tasks_total": None if tasks is None else tasks[1],
             "versions": _versions(),
             "micrographs": {
                 p.name: {"path": str(p.entry.micrograph_path), "status": p.status,

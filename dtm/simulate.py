@@ -313,8 +313,9 @@ def demo_dataset(
     Particles (about 130 Å across in a 192 Å box: a molecule this size has projections that
     differ enough between orientations for the scaled MIP to single it out, where a small
     compact one raises the correlation variance at its own position as much as its MIP) are
-    planted at orientations of the 15°/15° uniform grid and at relative defocus -400, 0 or 400 Å, so a search with that grid and
-    ``defocus_min=-400, defocus_max=400, defocus_step=400`` can find them exactly.
+    planted at orientations of the 15°/15° uniform grid and at relative defocus -1200, 0 or 1200 Å (planes far enough apart to be told
+    apart at 3 Å/pixel), so a search with that grid and ``defocus_min=-1200,
+    defocus_max=1200, defocus_step=1200`` can find them exactly.
 
     Parameters
     ----------
@@ -338,9 +339,9 @@ def demo_dataset(
     search = {
         "psi_step": 15.0,
         "theta_step": 15.0,
-        "defocus_min": -400.0,
-        "defocus_max": 400.0,
-        "defocus_step": 400.0,
+        "defocus_min": -1200.0,
+        "defocus_max": 1200.0,
+        "defocus_step": 1200.0,
     }
     optics = {
         "voltage": 300.0,
@@ -359,7 +360,7 @@ def demo_dataset(
         micrograph_shape,
         box_size,
         orientations=grid,
-        defocus_values=(-400.0, 0.0, 400.0),
+        defocus_values=(-1200.0, 0.0, 1200.0),
         min_separation=1.5 * box_size,
         seed=seed + 1,
     )

@@ -28,6 +28,7 @@ import zarr
 
 from dtm.errors import InputError
 from dtm.io.mrc import write_map
+from dtm.io.pyramid import PYRAMID_MAPS, write_pyramid
 
 #: Map variable → file name of its `.mrc` export (Leopard-EM's names).
 MRC_NAMES = {
@@ -98,10 +99,14 @@ def build_dataset(
     )
 
 
-def write_dataset(dataset: xr.Dataset, store: Path, group: str | None = None) -> None:
+def write_dataset(
+    dataset: xr.Dataset, store: Path, group: str | None = None, *, pyramid: bool = True
+) -> None:
     """Write a dataset to ``store`` (at its root, or as ``group``) so it appears whole.
 
-    The dataset is written beside its destination and renamed into place.
+    The dataset is written beside its destination and renamed into place. With
+    ``pyramid``, max-pooled levels of its ``scaled_mip`` and ``mip`` go into its
+    ``pyramid/`` subgroup before the rename (:mod:`dtm.io.pyramid`).
     """
     chunks = {"y": min(BROWSE_CHUNK, dataset.sizes["y"]), "x": min(BROWSE_CHUNK, dataset.sizes["x"])}
     encoding = {name: {"chunks": (chunks["y"], chunks["x"])} for name in dataset.data_vars}
@@ -112,6 +117,9 @@ def write_dataset(dataset: xr.Dataset, store: Path, group: str | None = None) ->
     tmp = final.parent / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.to_zarr(str(tmp), mode="w", consolidated=False, encoding=encoding)
+    maps = {name: dataset[name].values for name in PYRAMID_MAPS if name in dataset}
+    if pyramid and maps:
+        write_pyramid(tmp, None, maps)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -1,0 +1,231 @@
+"""Shared machinery of the configuration models: the base model, field types, one-line
+validation messages, YAML reading, command-line overrides and hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+import pydantic
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from dtm.errors import ConfigError
+
+_ONE_GRID, _SEVERAL_GRIDS = "one-grid", "several-grids"  # union tags, hidden from messages
+
+
+class _Problem(ValueError):
+    """A validation problem that names its own field (dotted, relative) and value."""
+
+    def __init__(self, message: str, field: str = "", value: Any = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.value = value
+
+
+def _show(value: Any) -> str:
+    """One-line rendering of a user value for messages; long values other than paths are
+    shortened."""
+    if isinstance(value, Path):
+        return str(value)
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+def _existing_file(path: Path, info: ValidationInfo) -> Path:
+    path = _resolve(path, info)
+    if not path.is_file():
+        raise _Problem("file not found", value=path)
+    return path
+
+
+InputFile = Annotated[Path, AfterValidator(_existing_file)]
+OutputPath = Annotated[Path, AfterValidator(_resolve)]
+Positive = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    """Base of all sections: unknown keys are errors; ``leopard_unused`` lists the
+    Leopard-EM fields that dtm accepts but ignores (a notice when not at their default)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    leopard_unused: ClassVar[tuple[str, ...]] = ()
+
+
+def _notices(model: BaseModel, prefix: str = "") -> list[str]:
+    """One line per ignored Leopard-EM setting that is not at its default, recursively."""
+    lines = []
+    for name, field in type(model).model_fields.items():
+        value, dotted = getattr(model, name), prefix + name
+        if name in getattr(model, "leopard_unused", ()):
+            if value != field.get_default(call_default_factory=True):
+                lines.append(
+                    f"{dotted}: Leopard-EM setting not used by dtm, ignored (got {_show(value)})"
+                )
+        elif isinstance(value, BaseModel):
+            lines += _notices(value, dotted + ".")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    lines += _notices(item, f"{dotted}.{i}.")
+    return lines
+
+
+def _ordered(low: str, high: str, strict: bool = False) -> Any:
+    """A field validator for ``high`` checking ``low <= high`` (``<`` when strict)."""
+
+    def check(cls: type, value: float | None, info: ValidationInfo) -> float | None:
+        lower = info.data.get(low)
+        if value is not None and lower is not None and (value < lower or strict and value == lower):
+            raise ValueError(f"must be {'>' if strict else '>='} {low} ({lower})")
+        return value
+
+    return field_validator(high)(check)
+
+
+def _unsupported(what: str) -> Any:
+    """A validator rejecting ``enabled: true`` for a Leopard-EM feature that dtm lacks."""
+
+    def check(cls: type, value: bool) -> bool:
+        if value:
+            raise ValueError(f"{what} is not supported by dtm; set enabled: false")
+        return value
+
+    return field_validator("enabled")(check)
+
+
+def _no_cartesian() -> Any:
+    def check(cls: type, value: str) -> str:
+        if value == "cartesian":
+            raise ValueError("the cartesian grid is not supported by dtm; use uniform or healpix")
+        return value
+
+    return field_validator("base_grid_method")(check)
+
+
+# map name in results.zarr → Leopard-EM match_template_result field of its .mrc path
+_MAP_FIELDS = {
+    "mip": "mip_path",
+    "scaled_mip": "scaled_mip_path",
+    "correlation_mean": "correlation_average_path",
+    "correlation_variance": "correlation_variance_path",
+    "psi": "orientation_psi_path",
+    "theta": "orientation_theta_path",
+    "phi": "orientation_phi_path",
+    "defocus": "relative_defocus_path",
+}
+
+
+_PLAIN_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "model_type": "expected a section (a mapping of settings)",
+    "model_attributes_type": "expected a section (a mapping of settings)",
+    "path_type": "expected a file path",
+}
+
+
+def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
+    """One line ``<source>: <dotted.field>: <problem> (got <value>)`` describing the first
+    problem of ``err``, with the number of further problems."""
+    lines = []
+    for problem in err.errors():
+        loc = [str(part) for part in problem["loc"] if part not in (_ONE_GRID, _SEVERAL_GRIDS)]
+        cause = problem.get("ctx", {}).get("error")
+        message, value, show_value = problem["msg"], problem.get("input"), True
+        if isinstance(cause, _Problem):
+            loc += [part for part in cause.field.split(".") if part]
+            message, value, show_value = str(cause), cause.value, cause.value is not None
+        elif problem["type"] in _PLAIN_MESSAGES:
+            message = _PLAIN_MESSAGES[problem["type"]]
+        elif problem["type"] == "missing":
+            message, show_value = "required setting missing", False
+        where = f"{source}: {'.'.join(loc)}: " if loc else f"{source}: "
+        got = f" (got {_show(value)})" if show_value else ""
+        lines.append(where + message.removeprefix("Value error, ") + got)
+    more = len(lines) - 1
+    return lines[0] + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
+
+
+_PATH_KEYS = frozenset(
+    {
+        "micrograph_path",
+        "micrograph_table",
+        "template_volume_path",
+        "output_dir",
+        "output_path",
+        "df_path",
+        *_MAP_FIELDS.values(),
+    }
+)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {exc.problem}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of settings (got {_show(data)})"
+        )
+    return data
+
+
+def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Set dotted keys in ``data``; relative paths become absolute against the cwd."""
+    for key, value in overrides.items():
+        *sections, leaf = key.split(".")
+        node = data
+        for section in sections:
+            child = node.setdefault(section, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"command line: {key}: {section} is not a section (got {_show(child)})"
+                )
+            node = child
+        if leaf in _PATH_KEYS and isinstance(value, str | Path):
+            value = str(Path(value).absolute())
+        node[leaf] = value
+
+
+def _load(model: type[Any], path: str | Path, overrides: dict[str, Any] | None) -> Any:
+    path, overrides = Path(path), overrides or {}
+    data = _read_yaml(path)
+    _apply_overrides(data, overrides)
+    try:
+        return model.model_validate(data, context={"base_dir": path.parent.absolute()})
+    except pydantic.ValidationError as err:
+        line = format_validation_error(err, str(path)).removeprefix(f"{path}: ")
+        field = line.split(":")[0]
+        overridden = any(field == key or field.startswith(key + ".") for key in overrides)
+        raise ConfigError(f"{'command line' if overridden else path}: {line}") from None
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    """The configuration as JSON-safe builtins (paths as strings), defaults included."""
+    data: dict[str, Any] = config.model_dump(mode="json")
+    return data
+
+
+def config_hash(config: BaseModel, keys: list[str] | None = None) -> str:
+    """SHA-256 (hex) of the configuration's JSON, or of its top-level ``keys`` only."""
+    data = config_to_dict(config)
+    if keys is not None:
+        data = {key: data.get(key) for key in keys}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

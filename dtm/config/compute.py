@@ -1,0 +1,114 @@
+"""Compute resources: the Dask cluster and Leopard-EM's ``computational_config``."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dtm.config.base import PositiveInt, _Model, _ordered, _Problem
+
+
+class ComputationalConfig(_Model):
+    """Leopard-EM compute resources: ``gpu_ids: cpu`` runs on CPUs, any other value on GPUs."""
+
+    leopard_unused = ("backend",)
+    gpu_ids: int | list[int] | str | list[str] = [0]
+    """GPU index, list of indices, 'cuda:N' (or a list of them), 'all' or 'cpu'."""
+    num_cpus: PositiveInt = 1
+    """CPU threads (Leopard-EM: streams per GPU)."""
+    backend: str | None = None
+    """Leopard-EM kernel choice (streamed, batched, zipfft); unused by dtm."""
+
+    @field_validator("gpu_ids", mode="before")
+    @classmethod
+    def _check_gpu_ids(cls, value: Any) -> Any:
+        def gpu(item: Any) -> bool:
+            if isinstance(item, str):
+                return re.fullmatch(r"(cuda:)?\d+", item) is not None
+            return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+
+        items = value if isinstance(value, list) else [value]
+        if value not in ("all", "cpu") and not (items and all(gpu(i) for i in items)):
+            raise ValueError("expected a GPU index >= 0, a list of them, 'cuda:N', 'all' or 'cpu'")
+        return value
+
+    @property
+    def device(self) -> Literal["cpu", "gpu"]:
+        """``cpu`` when ``gpu_ids`` is ``"cpu"``, else ``gpu``."""
+        return "cpu" if self.gpu_ids == "cpu" else "gpu"
+
+    def gpu_indices(self) -> list[int] | None:
+        """The GPU indices to use; None for all GPUs (``all``) or none (``cpu``)."""
+        if self.gpu_ids in ("all", "cpu"):
+            return None
+        items = self.gpu_ids if isinstance(self.gpu_ids, list) else [self.gpu_ids]
+        return [int(str(item).removeprefix("cuda:")) for item in items]
+
+
+class ClusterConfig(_Model):
+    """Where the Dask workers come from, and how the search is cut into tasks."""
+
+    kind: Literal["local", "address", "slurm", "pbs", "kubernetes", "gpu-local"] = "local"
+    """local: an embedded LocalCluster; address: an existing scheduler; slurm, pbs:
+    dask-jobqueue; kubernetes: dask-kubernetes; gpu-local: a LocalCUDACluster."""
+    scheduler_address: str | None = None
+    """Scheduler to connect to, e.g. tcp://host:8786 (implies kind address)."""
+    n_workers: PositiveInt | None = None
+    """Number of workers (local, gpu-local, kubernetes)."""
+    threads_per_worker: PositiveInt | None = None
+    """Threads per worker."""
+    memory_limit: str | None = None
+    """Memory limit per worker, e.g. '8GB'."""
+    device: Literal["cpu", "gpu"] = "cpu"
+    """Array backend of the workers: numpy (cpu) or cupy (gpu)."""
+    chunk_size: PositiveInt | None = None
+    """Orientations per task; null chooses automatically."""
+    split_every: Annotated[int, Field(ge=2)] = 8
+    """Partial results merged by one reduction task."""
+    dashboard_address: str = ":8787"
+    """Dashboard address of a cluster that dtm starts."""
+    queue: str | None = None
+    """Batch queue or partition (slurm, pbs)."""
+    account: str | None = None
+    """Account or project charged (slurm, pbs)."""
+    walltime: str | None = None
+    """Wall time of one job, e.g. '02:00:00' (slurm, pbs)."""
+    cores: PositiveInt | None = None
+    """Cores per job (slurm, pbs)."""
+    memory: str | None = None
+    """Memory per job, e.g. '64GB' (slurm, pbs)."""
+    processes: PositiveInt | None = None
+    """Worker processes per job (slurm, pbs)."""
+    gpus_per_job: Annotated[int, Field(ge=0)] | None = None
+    """GPUs per job (slurm, pbs)."""
+    n_jobs: PositiveInt | None = None
+    """Jobs to start (slurm, pbs)."""
+    adapt_minimum: Annotated[int, Field(ge=0)] | None = None
+    """Adaptive scaling: fewest jobs (slurm, pbs)."""
+    adapt_maximum: PositiveInt | None = None
+    """Adaptive scaling: most jobs (slurm, pbs)."""
+    job_extra_directives: list[str] = []
+    """Extra scheduler directives, e.g. '--gres=gpu:1' (slurm, pbs)."""
+    local_directory: str | None = None
+    """Scratch directory of the workers."""
+    name: str | None = None
+    """Cluster name (kubernetes)."""
+    image: str | None = None
+    """Container image of the workers (kubernetes)."""
+    resources: dict[str, Any] | None = None
+    """Worker resources, e.g. {limits: {cpu: '2', memory: 8G}} (kubernetes)."""
+    namespace: str | None = None
+    """Namespace (kubernetes)."""
+    _check_adapt = _ordered("adapt_minimum", "adapt_maximum")
+
+    @model_validator(mode="after")
+    def _address_rule(self) -> ClusterConfig:
+        if self.scheduler_address and self.kind == "local":
+            self.kind = "address"
+        elif self.scheduler_address and self.kind != "address":
+            raise _Problem("scheduler_address needs kind address", "kind", self.kind)
+        elif self.kind == "address" and not self.scheduler_address:
+            raise _Problem("required with kind address", "scheduler_address")
+        return self

@@ -1,0 +1,95 @@
+"""Read an output directory of ``dtm match`` for viewing: maps, pyramids and peaks.
+
+The directory may be local or remote: any fsspec URL (``s3://bucket/run``, ``file://…``,
+``memory://…``) works, since zarr, xarray and fsspec read the store and the tables.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import pandas as pd
+import xarray as xr
+from fsspec.implementations.local import LocalFileSystem
+
+from dtm.io.pyramid import open_pyramid
+from dtm.io.store import open_results, result_groups
+from dtm.io.tables import read_table
+from dtm.peaks import _store_url, peaks_dataframe
+
+#: Peak tables looked for in the output directory, in this order.
+PEAK_TABLES = ("peaks.csv", "peaks.parquet")
+
+
+@dataclass(frozen=True)
+class MicrographResults:
+    """One micrograph of a results store, opened lazily."""
+
+    name: str
+    group: str | None
+    dataset: xr.Dataset
+    #: Downsampling factor → max-pooled ``mip``/``scaled_mip`` (empty for older stores).
+    pyramid: dict[int, xr.Dataset]
+
+
+def open_micrographs(results: str | os.PathLike[str]) -> list[MicrographResults]:
+    """Every micrograph of an output directory (or its ``results.zarr``), in group order.
+
+    Parameters
+    ----------
+    results
+        Local path or fsspec URL.
+    """
+    store = _store_url(results)
+    datasets = open_results(store)
+    groups = result_groups(store)
+    # open_results lists the datasets in the order of result_groups.
+    return [
+        MicrographResults(name, group, dataset, open_pyramid(store, group))
+        for group, (name, dataset) in zip(groups, datasets.items(), strict=True)
+    ]
+
+
+def output_directory(results: str | os.PathLike[str]) -> str:
+    """The output directory of a results store or of an output directory itself."""
+    store = _store_url(results)
+    return store.rsplit("/", 1)[0] if "/" in store else "."
+
+
+def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
+    """The peak table of an output directory, and where it came from.
+
+    Reads ``peaks.csv`` (else ``peaks.parquet``) of the output directory; with neither,
+    picks peaks now from the maps with the default threshold (one false positive per
+    micrograph).
+
+    Parameters
+    ----------
+    results
+        Output directory or its ``results.zarr``: local path or fsspec URL.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of :data:`dtm.io.tables.PEAK_COLUMNS`, one row per peak.
+    str
+        The table's file name, or a note that the peaks were picked now.
+    """
+    directory = output_directory(results)
+    fs, root = fsspec.core.url_to_fs(directory)
+    for name in PEAK_TABLES:
+        path = f"{root.rstrip('/')}/{name}"
+        if not fs.exists(path):
+            continue
+        if isinstance(fs, LocalFileSystem):
+            return read_table(path), name
+        with tempfile.TemporaryDirectory(prefix="dtm-peaks-") as tmp:
+            local = Path(tmp) / name
+            fs.get(path, str(local), recursive=fs.isdir(path))
+            return read_table(local), name
+    table = peaks_dataframe(results).compute().reset_index(drop=True)
+    return table, "picked now (no peak table in the results directory; 1 false positive)"

@@ -1,0 +1,215 @@
+"""The correlation kernel against brute-force references, and its invariants.
+
+The reference correlation is ``scipy.signal.correlate`` (direct sums, no FFT) of the
+normalised micrograph with each normalised filtered projection, so the kernel's padding,
+pruned transforms, conjugation, cropping and statistics are all checked independently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.signal
+
+from dtm.physics.projection import prepare_template
+from dtm.physics.rotations import euler_to_matrix
+from dtm.search.kernel import correlate_chunk, filtered_projections
+from dtm.search.orientations import uniform_grid
+from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
+from dtm.search.space import SearchSpace
+from dtm.search.stats import finalise
+from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
+
+OPTICS = {
+    "voltage": 300.0,
+    "spherical_aberration": 2.7,
+    "amplitude_contrast_ratio": 0.07,
+    "defocus_u": 10000.0,
+    "defocus_v": 9500.0,
+    "astigmatism_angle": 30.0,
+}
+
+
+def _optics(pixel_size: float) -> Optics:
+    return Optics(pixel_size=pixel_size, **OPTICS)
+
+
+def _normalised_micrograph(image: ImageInputs) -> np.ndarray:
+    """The filtered, normalised micrograph the kernel correlates with (real space)."""
+    H, W = image.image_shape
+    return scipy.fft.irfft2(image.spectrum, s=image.fft_shape)[:H, :W].astype(np.float64)
+
+
+def _reference_maps(image: ImageInputs, template, euler: np.ndarray) -> np.ndarray:
+    """``(n_orientations * n_defocus, Hm, Wm)`` correlations by direct summation."""
+    y = _normalised_micrograph(image)
+    if image.mode == "same":
+        h, w = image.box_shape
+        y = np.pad(y, ((0, h - 1), (0, w - 1)))  # zeros along the bottom and right edges
+    projections = filtered_projections(
+        template, euler_to_matrix(euler), image.filters, image.image_shape
+    )
+    maps = [
+        scipy.signal.correlate(y, p.astype(np.float64), mode="valid", method="direct")
+        for p in projections.reshape(-1, *image.box_shape)
+    ]
+    return np.stack(maps)
+
+
+@pytest.fixture(scope="module")
+def small_problem():
+    """A 37 x 45 noisy micrograph with a 12^3 template and two defocus planes."""
+    rng = np.random.default_rng(1)
+    volume = simulate_template(12, pixel_size=3.0, n_atoms=200, seed=2)
+    micrograph = rng.normal(size=(37, 45)).astype(np.float32)
+    return micrograph, prepare_template(volume)
+
+
+def _prepare(micrograph, mode, defocus=(-500.0, 500.0), pixel_size=3.0, **filters):
+    return prepare_image(
+        micrograph,
+        box_shape=(12, 12),
+        optics=_optics(pixel_size),
+        relative_defocus=np.asarray(defocus),
+        filters=FilterSettings(**filters),
+        mode=mode,
+    )
+
+
+@pytest.mark.parametrize("mode", ["valid", "same"])
+def test_kernel_matches_direct_correlation(small_problem, mode):
+    micrograph, template = small_problem
+    image = _prepare(micrograph, mode)
+    euler = np.array([[0.0, 0.0, 0.0], [30.0, 60.0, 90.0], [200.0, 120.0, 10.0]])
+    reference = _reference_maps(image, template, euler)
+    H, W = micrograph.shape
+    assert reference.shape[1:] == ((H - 11, W - 11) if mode == "valid" else (H, W))
+    assert image.out_shape == reference.shape[1:]
+    stats = correlate_chunk(image, template, euler, 5, batch_size=2)
+    first = 5 * 2  # first orientation 5, two defocus planes
+    np.testing.assert_allclose(stats.mip, reference.max(axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(stats.best_index, reference.argmax(axis=0) + first)
+    np.testing.assert_allclose(stats.total, reference.sum(axis=0), atol=1e-4)
+    np.testing.assert_allclose(stats.total_sq, (reference**2).sum(axis=0), rtol=1e-4)
+    assert stats.count == 6
+    assert stats.total.dtype == np.float64 and stats.total_sq.dtype == np.float64
+
+
+def test_ties_go_to_lowest_global_index(small_problem):
+    micrograph, template = small_problem
+    # Identical defocus planes and a repeated orientation: every map appears several times.
+    image = _prepare(micrograph, "valid", defocus=(0.0, 0.0, 0.0))
+    base = np.array([[10.0, 40.0, 0.0], [250.0, 80.0, 45.0]])
+    euler = np.concatenate([base, base, base[::-1]])
+    for batch_size in (1, 2, 4):
+        stats = correlate_chunk(image, template, euler, 3, batch_size=batch_size)
+        single = correlate_chunk(image, template, base, 3, batch_size=1)
+        np.testing.assert_array_equal(stats.mip, single.mip)
+        # Lowest global index of the tied copies: orientation 3 or 4, defocus plane 0.
+        assert set(np.unique(stats.best_index)) <= {9, 12}
+        np.testing.assert_array_equal(stats.best_index, single.best_index)
+
+
+def test_results_do_not_depend_on_batch_size_or_fft_size(small_problem):
+    micrograph, template = small_problem
+    euler = uniform_grid(psi_step=60.0, theta_step=60.0)[:11]
+    for mode in ("valid", "same"):
+        image = _prepare(micrograph, mode)
+        runs = [correlate_chunk(image, template, euler, 0, batch_size=b) for b in (1, 3, 11)]
+        for other in runs[1:]:
+            np.testing.assert_array_equal(other.mip, runs[0].mip)
+            np.testing.assert_array_equal(other.best_index, runs[0].best_index)
+            np.testing.assert_allclose(other.total, runs[0].total, rtol=1e-12, atol=1e-12)
+        # The smallest FFT size without wrap-around (not a fast size) gives the same maps.
+        H, W = image.image_shape
+        exact = (H, W) if mode == "valid" else (H + 11, W + 11)
+        assert exact != image.fft_shape
+        spectrum = scipy.fft.rfft2(_normalised_micrograph(image), s=exact).astype(np.complex64)
+        plain = replace(image, spectrum=spectrum, fft_shape=exact)
+        other = correlate_chunk(plain, template, euler, 0, batch_size=4)
+        np.testing.assert_allclose(other.mip, runs[0].mip, atol=1e-5)
+        np.testing.assert_array_equal(other.best_index, runs[0].best_index)
+        np.testing.assert_allclose(other.total_sq, runs[0].total_sq, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def big_template():
+    volume = simulate_template(64, pixel_size=3.0, n_atoms=4000)
+    return volume, prepare_template(volume)
+
+
+def test_white_noise_correlations_are_standard_normal(big_template):
+    _, template = big_template
+    # 320^2: at 160^2 the few low-frequency samples make the pooled std fluctuate by ~4 %.
+    micrograph = np.random.default_rng(7).normal(size=(320, 320)).astype(np.float32)
+    image = prepare_image(
+        micrograph,
+        box_shape=(64, 64),
+        optics=_optics(3.0),
+        relative_defocus=np.array([-1000.0, 0.0, 1000.0]),
+        filters=FilterSettings(whitening=True),
+        mode="valid",
+    )
+    euler = uniform_grid(psi_step=30.0, theta_step=30.0)[::2]
+    assert len(euler) >= 100
+    stats = correlate_chunk(image, template, euler, 0, batch_size=8)
+    n = stats.count * stats.total.size
+    mean = stats.total.sum() / n
+    std = np.sqrt(stats.total_sq.sum() / n - mean**2)
+    assert abs(mean) < 0.02
+    assert abs(std - 1.0) < 0.02
+
+
+def _planted_search(volume, template, mode: str):
+    """A 160^2 micrograph with one particle; search near its pose plus random poses."""
+    grid = uniform_grid(psi_step=15.0, theta_step=15.0)
+    truth = 1234
+    phi, theta, psi = grid[truth]
+    defocus = np.array([-2000.0, 0.0, 2000.0])
+    particle = PlantedParticle(41, 57, phi, theta, psi, relative_defocus=2000.0)
+    micrograph = simulate_micrograph(
+        volume,
+        (160, 160),
+        [particle],
+        pixel_size=3.0,
+        signal_scale=18.0,
+        low_frequency_noise=5.0,
+        seed=3,
+        **OPTICS,
+    )
+    image = prepare_image(
+        micrograph,
+        box_shape=(64, 64),
+        optics=_optics(3.0),
+        relative_defocus=defocus,
+        mode=mode,  # type: ignore[arg-type]
+    )
+    rng = np.random.default_rng(4)
+    near = np.arange(truth - 100, truth + 100)
+    others = rng.choice(len(grid), size=150, replace=False)
+    index = np.unique(np.concatenate([near, others]))
+    space = SearchSpace(euler=grid[index], defocus=defocus)
+    stats = correlate_chunk(image, template, space.euler, 0, batch_size=8)
+    maps = finalise(stats, space)
+    return particle, maps, grid[truth]
+
+
+@pytest.mark.parametrize("mode", ["valid", "same"])
+def test_planted_particle_is_found_exactly(big_template, mode):
+    volume, template = big_template
+    particle, maps, euler = _planted_search(volume, template, mode)
+    # In ``same`` mode positions whose box leaves the micrograph carry no significance.
+    inside = {name: m[: 160 - 63, : 160 - 63] for name, m in maps.items()}
+    scaled = inside["scaled_mip"]
+    peak = np.unravel_index(np.argmax(scaled), scaled.shape)
+    assert peak == (particle.pos_y, particle.pos_x)
+    assert inside["mip"][peak] > 9.0  # an 18-sigma particle after filtering losses
+    elsewhere = scaled.copy()
+    elsewhere[peak[0] - 10 : peak[0] + 11, peak[1] - 10 : peak[1] + 11] = -np.inf
+    assert scaled[peak] > elsewhere.max() + 1.0
+    found = [inside[name][peak] for name in ("phi", "theta", "psi")]
+    np.testing.assert_allclose(found, euler, atol=1e-3)
+    assert inside["defocus"][peak] == pytest.approx(2000.0)
