@@ -1,5 +1,44 @@
-"""dtm: 2D template matching for cryo-EM, distributed with Dask."""
+"""dtm: 2D template matching for cryo-EM, distributed with Dask.
+
+The public API is importable from the top level; submodules are imported on first use so
+that ``import dtm`` (and the ``dtm`` command's start-up) stays light.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "match_template": "dtm.match",
+    "refine_template": "dtm.refine",
+    "load_match_config": "dtm.config",
+    "load_refine_config": "dtm.config",
+    "MatchConfig": "dtm.config",
+    "RefineConfig": "dtm.config",
+    "open_results": "dtm.io.store",
+    "peaks_table": "dtm.peaks",
+    "peaks_dataframe": "dtm.peaks",
+    "threshold": "dtm.peaks",
+    "pick_peaks": "dtm.peaks",
+    "extract_particles": "dtm.particles",
+    "ParticleStack": "dtm.particles",
+    "read_micrograph": "dtm.io.mrc",
+    "read_template": "dtm.io.mrc",
+    "write_map": "dtm.io.mrc",
+    "DtmError": "dtm.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dtm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

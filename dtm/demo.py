@@ -89,9 +89,10 @@ def run_demo(
     *,
     n_workers: int | None = None,
     scheduler_address: str | None = None,
-    stream: TextIO = sys.stdout,
+    stream: TextIO | None = None,
 ) -> pd.DataFrame:
     """Simulate, search, pick peaks and report how many planted particles were found."""
+    stream = sys.stdout if stream is None else stream
     out = Path(out)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"

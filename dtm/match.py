@@ -194,7 +194,7 @@ def match_template(
     scheduler_address: str | None = None,
     n_workers: int | None = None,
     device: str | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> xr.Dataset | dict[str, xr.Dataset]:
     """Run a 2DTM search of one or many micrographs on a Dask cluster.
 
@@ -211,8 +211,8 @@ def match_template(
         Fail on the first bad micrograph instead of skipping it.
     scheduler_address, n_workers, device
         Overrides of the ``cluster`` section (command-line options).
-    out : file
-        Where the summary and progress lines are printed.
+    out : file, optional
+        Where the summary and progress lines are printed (default: standard output).
 
     Returns
     -------
@@ -220,6 +220,7 @@ def match_template(
         The results (lazily opened from ``output_dir/results.zarr``): one dataset for a
         single micrograph, else one per micrograph name.
     """
+    out = sys.stdout if out is None else out
     if not isinstance(config, MatchConfig):
         config = load_match_config(config)
     start = time.strftime("%Y-%m-%dT%H:%M:%S%z")

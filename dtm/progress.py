@@ -44,13 +44,13 @@ class Progress:
         n_tasks: int,
         correlations_per_task: float,
         *,
-        stream: TextIO = sys.stdout,
+        stream: TextIO | None = None,
         interval: float = 1.0,
     ) -> None:
         self.client = client
         self.n_tasks = n_tasks
         self.correlations_per_task = correlations_per_task
-        self.stream = stream
+        self.stream = sys.stdout if stream is None else stream
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

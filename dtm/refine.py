@@ -219,18 +219,19 @@ def refine_template(
             result = client.compute(graph).result().loc[table.index]
     output = Path(config.output_path)
     write_table(result, output.parent, output.stem)
-    _summary(result, start_columns(table), time.perf_counter() - t0, output, out)
+    again = start_columns(table)["pos_y"] == "refined_pos_y" and "refined_scaled_mip" in table
+    before = table["refined_scaled_mip" if again else "scaled_mip"]
+    _summary(result, before, time.perf_counter() - t0, output, out)
     return result
 
 
 def _summary(
-    result: pd.DataFrame, source: dict[str, str], wall: float, output: Path, out: TextIO
+    result: pd.DataFrame, before: pd.Series, wall: float, output: Path, out: TextIO
 ) -> None:
+    """One line: time, median scaled MIP before → after, padded boxes, files written."""
     if result.empty:
         print(f"no particles; wrote {output.with_suffix('.csv')}", file=out)
         return
-    before = result["refined_scaled_mip"] if "refined_scaled_mip" in source.values() else None
-    before = result["scaled_mip"] if before is None else before
     print(
         f"refined in {format_duration(wall)}: median scaled MIP {before.median():.2f} → "
         f"{result['refined_scaled_mip'].median():.2f}; "

@@ -14,13 +14,14 @@ import pytest
 import scipy.fft
 import scipy.signal
 
-from dtm.physics.projection import prepare_template
+from dtm.physics.projection import extract_central_slices, prepare_template
 from dtm.physics.rotations import euler_to_matrix
+from dtm.search import fused
 from dtm.search.kernel import correlate_chunk, filtered_projections
 from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace
-from dtm.search.stats import finalise
+from dtm.search.stats import PartialStats, finalise, update, update_numpy
 from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
 
 OPTICS = {
@@ -213,3 +214,40 @@ def test_planted_particle_is_found_exactly(big_template, mode):
     found = [inside[name][peak] for name in ("phi", "theta", "psi")]
     np.testing.assert_allclose(found, euler, atol=1e-3)
     assert inside["defocus"][peak] == pytest.approx(2000.0)
+
+
+def _stats_state(stats) -> list[np.ndarray]:
+    return [stats.mip, stats.best_index, stats.total, stats.total_sq]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "cropped", "reversed"])
+def test_fused_update_is_bit_identical_to_numpy_reference(layout):
+    assert fused.numba_update() is not None  # numba is a dependency: the fast path must run
+    rng = np.random.default_rng(5)
+    full = np.round(rng.normal(size=(2, 7, 13, 20)) * 2).astype(np.float32) / 2  # many ties
+    if layout == "contiguous":
+        batches = [full[0, :, :, :11].copy(), full[1, :, :, :11].copy()]
+    elif layout == "cropped":  # as the kernel passes it: a crop of the inverse FFT's rows
+        batches = [full[0, :, :, 4:15], full[1, :, :, 4:15]]
+    else:  # a layout the compiled kernel cannot take directly (copied first)
+        batches = [full[0, :, :, 15:4:-1], full[1, :, :, 15:4:-1]]
+    fast, reference = PartialStats.empty((13, 11)), PartialStats.empty((13, 11))
+    for first, batch in zip((3, 10), batches, strict=True):
+        update(fast, batch, first)
+        update_numpy(reference, batch, first)
+    for a, b in zip(_stats_state(fast), _stats_state(reference), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert fast.count == reference.count == 14
+    # And both agree with a direct reduction (lowest index on ties).
+    stacked = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_array_equal(fast.best_index, stacked.argmax(axis=0) + 3)
+    np.testing.assert_allclose(fast.total_sq, (stacked**2).sum(axis=0), rtol=1e-12)
+
+
+def test_compiled_slicer_matches_reference_slicer():
+    template = prepare_template(simulate_template(24, pixel_size=2.0, n_atoms=300, seed=1))
+    rotations = euler_to_matrix(uniform_grid(psi_step=40.0, theta_step=40.0))
+    fast = fused.central_slices(template, rotations)
+    reference = extract_central_slices(template, rotations)
+    assert fast.shape == reference.shape and fast.dtype == np.complex64
+    np.testing.assert_allclose(fast, reference, rtol=0, atol=1e-6 * np.abs(reference).max())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -127,10 +128,15 @@ def write_pyramid(
         h, w = next(iter(levels.values())).shape
         level = xr.Dataset(
             {name: (("y", "x"), data.astype(np.float32)) for name, data in levels.items()},
-            coords={"y": np.arange(h, dtype=np.int64) * factor,
-                    "x": np.arange(w, dtype=np.int64) * factor},  # fmt: skip
-            attrs={"downsample_factor": factor, "reduction": "max",
-                   "full_shape": [int(shape[0]), int(shape[1])]},  # fmt: skip
+            coords={
+                "y": np.arange(h, dtype=np.int64) * factor,
+                "x": np.arange(w, dtype=np.int64) * factor,
+            },
+            attrs={
+                "downsample_factor": factor,
+                "reduction": "max",
+                "full_shape": [int(shape[0]), int(shape[1])],
+            },
         )
         chunks = (min(PYRAMID_CHUNK, h), min(PYRAMID_CHUNK, w))
         level.to_zarr(
@@ -171,8 +177,9 @@ def open_pyramid(store: str | Path, group: str | None) -> dict[int, xr.Dataset]:
         pyramid = zarr.open_group(str(store), path=pyramid_path(group), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return {}
-    [spec] = pyramid.attrs.get("multiscales", [{"datasets": []}])
-    paths = {int(item["downsample_factor"]): item["path"] for item in spec["datasets"]}
+    multiscales: Any = pyramid.attrs.get("multiscales", [{"datasets": []}])
+    [spec] = multiscales
+    paths = {int(item["downsample_factor"]): str(item["path"]) for item in spec["datasets"]}
     return {
         factor: xr.open_zarr(str(store), group=f"{pyramid_path(group)}/{path}", consolidated=False)
         for factor, path in sorted(paths.items())

@@ -9,15 +9,53 @@ transform into the running statistics. The same code runs on numpy and cupy arra
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import threading
 from typing import Any
 
 import numpy as np
 
 from dtm.backend import get_fft, get_xp
-from dtm.physics.projection import PreparedTemplate, extract_central_slices
+from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import euler_to_matrix
+from dtm.search.fused import central_slices
 from dtm.search.prepare import ImageInputs
 from dtm.search.stats import PartialStats, update
+
+
+#: Orientations projected together by default (amortises the slicer's per-call overhead).
+DEFAULT_BATCH_SIZE = 16
+#: Bytes of half spectra transformed in one batch of FFTs.
+FFT_BATCH_BYTES = 4 << 20
+
+
+# Work buffers per thread (a worker may run several kernels at once in its threads).
+_THREAD_BUFFERS = threading.local()
+
+
+#: glibc ``mallopt`` parameters: M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def keep_heap_pages() -> bool:
+    """Let this process reuse freed heap memory instead of returning it to the system.
+
+    Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins
+    glibc's mmap threshold at 128 KiB: every FFT output is then a fresh mapping whose pages
+    are faulted in and zeroed, which doubles the cost of an FFT at 512² (measured:
+    ``docs/performance.md``). Arrays up to 32 MiB come from the heap again and freed
+    memory up to 256 MiB stays in the process, a bounded amount. Called once per process
+    on the CPU path; a no-op (``False``) where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20) and libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def _fft_options(xp: Any, workers: int | None) -> dict[str, Any]:
@@ -65,11 +103,60 @@ def filtered_projections(
     """
     fft = get_fft(get_xp(filters))
     box = template.box_size
-    slices = extract_central_slices(template, rotations)
+    slices = central_slices(template, rotations)
     # Negated: density is positive, particles are dark in the micrograph (SPEC §2).
     spectra = slices[:, None] * (-filters[None])
     projections = fft.irfft2(spectra, s=(box, box)).astype(np.float32, copy=False)
     return normalise_projections(projections, image_shape)
+
+
+def maps_per_fft(fft_shape: tuple[int, int], n_defocus: int) -> int:
+    """Correlation maps transformed together: about ``FFT_BATCH_BYTES`` of spectra.
+
+    Small batches keep each map's spectrum in cache between the transforms, the product
+    with the micrograph and the statistics update (measured: ``benchmarks/throughput.py``).
+    """
+    per_map = fft_shape[0] * (fft_shape[1] // 2 + 1) * 8
+    return max(1, min(n_defocus * 64, FFT_BATCH_BYTES // per_map))
+
+
+def _correlate_maps(
+    image: ImageInputs, projections: Any, stats: PartialStats, first_index: int, options: dict
+) -> None:
+    """Correlate ``(m, h, w)`` projections with the micrograph and fold them into ``stats``.
+
+    Correlation as a convolution with the projection reversed in its box, so that no
+    conjugate is taken: ``CC(s) = conv(y, p_rev)(s + (h - 1, w - 1))``. The reversed box
+    still sits in the first ``h`` rows of the padded array, so only those rows are
+    transformed along x; after the inverse transform along y only the ``Hm`` rows of the
+    map are transformed back along x. Both shifts stay inside the FFT size (no wrap-around:
+    ``fft_shape_for``).
+    """
+    xp = get_xp(projections)
+    fft = get_fft(xp)
+    fy, fx = image.fft_shape
+    hm, wm = image.out_shape
+    h, w = image.box_shape
+    rows = fft.rfft(projections[:, ::-1, ::-1], n=fx, axis=-1, **options)
+    spectra = _work_buffer(xp, (int(projections.shape[0]), fy, fx // 2 + 1))
+    spectra[:, :h] = rows
+    spectra[:, h:] = 0
+    # In place (the buffer is contiguous complex64): no fresh pages to fault in per batch.
+    spectra = fft.fft(spectra, axis=-2, overwrite_x=True, **options)
+    spectra *= image.spectrum
+    columns = fft.ifft(spectra, axis=-2, overwrite_x=True, **options)
+    maps = fft.irfft(columns[:, h - 1 : h - 1 + hm], n=fx, axis=-1, **options)
+    update(stats, maps[:, :, w - 1 : w - 1 + wm], first_index)
+
+
+def _work_buffer(xp: Any, shape: tuple[int, int, int]) -> Any:
+    """A complex64 array of ``shape`` reused by the batches of this thread."""
+    buffers = _THREAD_BUFFERS.__dict__.setdefault("by_shape", {})
+    key = (xp.__name__, shape)
+    if key not in buffers:
+        buffers.clear()  # one problem size at a time: memory stays bounded
+        buffers[key] = xp.empty(shape, dtype=np.complex64)
+    return buffers[key]
 
 
 def correlate_chunk(
@@ -78,7 +165,7 @@ def correlate_chunk(
     euler: np.ndarray,
     first_orientation: int,
     *,
-    batch_size: int = 4,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     fft_workers: int | None = 1,
 ) -> PartialStats:
     """Partial statistics of a chunk of orientations × every defocus plane.
@@ -95,37 +182,35 @@ def correlate_chunk(
         Search index of ``euler[0]``; the chunk covers global indices
         ``first_orientation * n_defocus`` … ``(first_orientation + n) * n_defocus - 1``.
     batch_size : int
-        Orientations transformed together (memory: ``batch_size × n_defocus`` maps).
+        Orientations projected together (``batch_size × n_defocus`` box-sized projections);
+        their correlation maps are transformed in groups of :func:`maps_per_fft`.
     fft_workers : int or None
         Threads of scipy.fft (ignored on GPU).
 
     Returns
     -------
     PartialStats
-        On the device of ``image``.
+        On the device of ``image``. The maximum and its index do not depend on
+        ``batch_size`` or on the FFT size; the sums agree to rounding.
     """
     xp = get_xp(image.spectrum)
-    fft = get_fft(xp)
+    if xp is np:
+        keep_heap_pages()
     options = _fft_options(xp, fft_workers)
     n_defocus = int(image.filters.shape[0])
-    fy, fx = image.fft_shape
-    hm, wm = image.out_shape
+    h, w = image.box_shape
+    group = maps_per_fft(image.fft_shape, n_defocus)
     rotations = xp.asarray(euler_to_matrix(np.asarray(euler, dtype=np.float64)))
     stats = PartialStats.empty(image.out_shape, xp)
     for start in range(0, len(euler), batch_size):
         stop = min(start + batch_size, len(euler))
         projections = filtered_projections(
             template, rotations[start:stop], image.filters, image.image_shape
-        )
-        # Only the h non-zero rows of the padded projection need the transform along x.
-        rows = fft.rfft(projections, n=fx, axis=-1, **options)
-        padded = fft.fft(rows, n=fy, axis=-2, **options)
-        np.conjugate(padded, out=padded) if xp is np else xp.conj(padded, out=padded)
-        padded *= image.spectrum
-        correlations = fft.irfft2(padded, s=(fy, fx), **options)[..., :hm, :wm]
-        update(
-            stats,
-            correlations.reshape(-1, hm, wm),
-            (first_orientation + start) * n_defocus,
-        )
+        ).reshape(-1, h, w)
+        # Maps are in search order: orientation-major, defocus fastest (g = o * n_d + d).
+        first = (first_orientation + start) * n_defocus
+        for offset in range(0, projections.shape[0], group):
+            _correlate_maps(
+                image, projections[offset : offset + group], stats, first + offset, options
+            )
     return stats

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dtm.backend import get_xp, to_numpy
+from dtm.search import fused
 from dtm.search.space import SearchSpace
 
 MAP_NAMES = (
@@ -98,25 +99,67 @@ class PartialStats:
 def update(stats: PartialStats, correlations: Any, first_index: int) -> None:
     """Fold a batch of correlation maps into ``stats`` in place.
 
+    One pass over each map: a fused kernel (:mod:`dtm.search.fused`: CUDA for cupy arrays,
+    numba on the CPU when it is installed) or the reference :func:`update_numpy`, which all
+    give bit-identical results.
+
     Parameters
     ----------
     stats : PartialStats
         Running statistics, updated in place.
     correlations : array
-        ``(n, Hm, Wm)`` float32, maps with global indices ``first_index + arange(n)``.
+        ``(n, Hm, Wm)`` float32, maps with global indices ``first_index + arange(n)``; any
+        strides (e.g. a cropped view of an inverse FFT's output).
     first_index : int
         Global search index of ``correlations[0]``; must exceed every index already in
-        ``stats`` so that the strict comparison below keeps the lowest index on ties.
+        ``stats`` so that the strict comparison keeps the lowest index on ties.
+    """
+    state = (stats.mip, stats.best_index, stats.total, stats.total_sq)
+    if get_xp(correlations) is not np:
+        if fused.cuda_update(correlations, int(first_index), *state):
+            stats.count += int(correlations.shape[0])
+            return
+    elif _numba_layout_ok(correlations, state):
+        kernel = fused.numba_update()
+        if kernel is not None:
+            kernel(fused.row_major(correlations), int(first_index), *state)
+            stats.count += int(correlations.shape[0])
+            return
+    update_numpy(stats, correlations, first_index)
+
+
+def _numba_layout_ok(correlations: Any, state: tuple[Any, ...]) -> bool:
+    """Whether the arrays have the dtypes of the compiled CPU kernel's signature."""
+    dtypes = (np.float32, np.int64, np.float64, np.float64)
+    return (
+        correlations.dtype == np.float32
+        and correlations.ndim == 3
+        and correlations.shape[1:] == state[0].shape
+        and all(
+            a.dtype == t and a.flags.c_contiguous and a.flags.writeable
+            for a, t in zip(state, dtypes, strict=True)
+        )
+    )
+
+
+def update_numpy(stats: PartialStats, correlations: Any, first_index: int) -> None:
+    """Reference of :func:`update` in plain array operations (numpy or cupy).
+
+    Map by map in search order: a strict ``>`` keeps the lowest index on ties; the value and
+    its exact float64 square are added to the float64 sums.
     """
     xp = get_xp(correlations)
-    # argmax returns the first maximum, i.e. the lowest index within the batch.
-    batch_best = xp.argmax(correlations, axis=0)
-    batch_max = xp.take_along_axis(correlations, batch_best[None], axis=0)[0]
-    better = batch_max > stats.mip
-    stats.mip = xp.where(better, batch_max, stats.mip)
-    stats.best_index = xp.where(better, batch_best.astype(np.int64) + first_index, stats.best_index)
-    stats.total += correlations.sum(axis=0, dtype=np.float64)
-    stats.total_sq += xp.einsum("ijk,ijk->jk", correlations, correlations, dtype=np.float64)
+    shape = stats.mip.shape
+    better = xp.empty(shape, dtype=bool)
+    square = xp.empty(shape, dtype=np.float64)
+    for k in range(int(correlations.shape[0])):
+        cc = correlations[k]
+        xp.greater(cc, stats.mip, out=better)
+        xp.copyto(stats.mip, cc, where=better)
+        xp.copyto(stats.best_index, np.int64(first_index + k), where=better)
+        xp.add(stats.total, cc, out=stats.total)
+        xp.multiply(cc, cc, out=square, dtype=np.float64)
+        xp.add(stats.total_sq, square, out=stats.total_sq)
     stats.count += int(correlations.shape[0])
 
 

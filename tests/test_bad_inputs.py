@@ -1,0 +1,212 @@
+"""Every bad input: one clear line naming it, exit status 2, earlier results untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import PIXEL_SIZE, match_config, write_config, write_dataset
+
+from dtm.cli import main
+from dtm.io.mrc import write_map
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return write_dataset(tmp_path_factory.mktemp("good"), shape=(160, 160), n_particles=1)
+
+
+def _tree_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        digest.update(str(path.relative_to(directory)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _earlier_results(out: Path) -> None:
+    """An output directory as an earlier run leaves it (contents only matter for the hash)."""
+    (out / "results.zarr").mkdir(parents=True)
+    (out / "results.zarr" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group"}')
+    (out / "job.json").write_text('{"fingerprint": {}}')
+    (out / "peaks.csv").write_text("pos_x,pos_y\n1,2\n")
+
+
+def _mrc(path: Path, data: np.ndarray, pixel_size: float = PIXEL_SIZE) -> Path:
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = pixel_size
+    return path
+
+
+def _micrograph(good: dict) -> np.ndarray:
+    with mrcfile.open(good["micrograph_path"]) as mrc:
+        return mrc.data.copy()
+
+
+def _truncated(tmp: Path, good: dict, cfg: dict) -> str:
+    path = tmp / "truncated.mrc"
+    path.write_bytes(Path(good["micrograph_path"]).read_bytes()[:5000])
+    cfg["micrograph_path"] = str(path)
+    return "truncated.mrc"
+
+
+def _corrupt(tmp: Path, good: dict, cfg: dict) -> str:
+    path = tmp / "corrupt.mrc"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    cfg["micrograph_path"] = str(path)
+    return "corrupt.mrc"
+
+
+def _complex_mode(tmp: Path, good: dict, cfg: dict) -> str:
+    cfg["micrograph_path"] = str(_mrc(tmp / "complex.mrc", _micrograph(good).astype(np.complex64)))
+    return "complex.mrc"
+
+
+def _stack(tmp: Path, good: dict, cfg: dict) -> str:
+    cfg["micrograph_path"] = str(_mrc(tmp / "stack.mrc", np.stack([_micrograph(good)] * 3)))
+    return "stack.mrc"
+
+
+def _with_value(value: float, name: str) -> Callable[[Path, dict, dict], str]:
+    def make(tmp: Path, good: dict, cfg: dict) -> str:
+        data = _micrograph(good)
+        data[10, 20] = value
+        cfg["micrograph_path"] = str(_mrc(tmp / name, data))
+        return name
+
+    return make
+
+
+def _constant(tmp: Path, good: dict, cfg: dict) -> str:
+    cfg["micrograph_path"] = str(_mrc(tmp / "flat.mrc", np.full((160, 160), 3.0, np.float32)))
+    return "flat.mrc"
+
+
+def _too_small(tmp: Path, good: dict, cfg: dict) -> str:
+    cfg["micrograph_path"] = str(_mrc(tmp / "small.mrc", _micrograph(good)[:48, :48]))
+    return "small.mrc"
+
+
+def _non_cubic(tmp: Path, good: dict, cfg: dict) -> str:
+    volume = np.random.default_rng(1).random((32, 64, 64)).astype(np.float32)
+    cfg["template_volume_path"] = str(_mrc(tmp / "slab.mrc", volume))
+    return "slab.mrc"
+
+
+def _pixel_mismatch(tmp: Path, good: dict, cfg: dict) -> str:
+    cfg["micrograph_path"] = str(_mrc(tmp / "px.mrc", _micrograph(good), pixel_size=3.5))
+    return "3.5"
+
+
+def _setter(dotted: str, value: object, expect: str) -> Callable[[Path, dict, dict], str]:
+    def make(tmp: Path, good: dict, cfg: dict) -> str:
+        *parents, key = dotted.split(".")
+        node = cfg
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+        return expect
+
+    return make
+
+
+def _table(rows: list[dict], expect: str) -> Callable[[Path, dict, dict], str]:
+    def make(tmp: Path, good: dict, cfg: dict) -> str:
+        frame = pd.DataFrame(rows).fillna({"micrograph_path": str(good["micrograph_path"])})
+        frame.to_csv(tmp / "table.csv", index=False)
+        del cfg["micrograph_path"]
+        cfg["micrograph_table"] = str(tmp / "table.csv")
+        return expect
+
+    return make
+
+
+_CTF = {"defocus_u": 10000.0, "defocus_v": 9500.0, "astigmatism_angle": 30.0}
+
+
+def _unwritable(tmp: Path, good: dict, cfg: dict) -> str:
+    blocker = tmp / "a-file"
+    blocker.write_text("not a directory")
+    cfg["output_dir"] = str(blocker / "out")
+    return "not writable"
+
+
+CASES: dict[str, tuple[Callable[[Path, dict, dict], str], list[str]]] = {
+    "truncated mrc": (_truncated, []),
+    "corrupt mrc": (_corrupt, []),
+    "complex mode mrc": (_complex_mode, []),
+    "3-D stack as micrograph": (_stack, []),
+    "nan pixel": (_with_value(np.nan, "nan.mrc"), []),
+    "inf pixel": (_with_value(np.inf, "inf.mrc"), []),
+    "empty micrograph": (_constant, []),
+    "template larger than micrograph": (_too_small, []),
+    "non-cubic template": (_non_cubic, []),
+    "pixel size mismatch": (_pixel_mismatch, []),
+    "unknown key": (_setter("orientation_search_config.psi_stepp", 5.0, "psi_stepp"), []),
+    "wrong type": (_setter("orientation_search_config.psi_step", "fast", "psi_step"), []),
+    "negative step": (_setter("orientation_search_config.theta_step", -5.0, "theta_step"), []),
+    "zero defocus step": (_setter("defocus_search_config.defocus_step", 0.0, "defocus_step"), []),
+    "inverted defocus range": (_setter("defocus_search_config.defocus_min", 5000.0,
+                                       "defocus_min"), []),  # fmt: skip
+    "unknown symmetry": (_setter("orientation_search_config.symmetry", "X7", "X7"), []),
+    "missing template": (_setter("template_volume_path", "/nonexistent/t.mrc", "t.mrc"), []),
+    "missing micrograph in table": (_table([{"micrograph_path": "/nonexistent/m.mrc", **_CTF}],
+                                           "m.mrc"), []),  # fmt: skip
+    "duplicate micrograph names": (_table([{"micrograph_path": None, **_CTF}] * 2,
+                                          "duplicate"), []),  # fmt: skip
+    "unwritable output directory": (_unwritable, []),
+    "unreachable scheduler": (_setter("output_dir", None, "tcp://127.0.0.1:1"),
+                              ["--scheduler", "tcp://127.0.0.1:1"]),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(case, good, tmp_path, capsys):
+    make, flags = CASES[case]
+    out = tmp_path / "out"
+    _earlier_results(out)
+    before = _tree_digest(out)
+    cfg = match_config(good["micrograph_path"], good["template_path"], out)
+    expect = make(tmp_path, good, cfg)
+    if cfg.get("output_dir") is None:
+        cfg["output_dir"] = str(out)
+    config = write_config(tmp_path / "config.yaml", cfg)
+    status = main(["match", str(config), "--overwrite", *flags])
+    captured = capsys.readouterr()
+    assert status == 2
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("dtm: error: ") and expect in lines[0], lines[0]
+    assert "Traceback" not in captured.err + captured.out
+    assert _tree_digest(out) == before
+
+
+def test_existing_results_need_resume_or_overwrite(good, tmp_path, capsys):
+    out = tmp_path / "out"
+    _earlier_results(out)
+    before = _tree_digest(out)
+    config = write_config(tmp_path / "c.yaml", match_config(good["micrograph_path"],
+                                                            good["template_path"], out))  # fmt: skip
+    assert main(["match", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--resume" in err and "--overwrite" in err and str(out) in err
+    assert _tree_digest(out) == before
+
+
+def test_yaml_syntax_error_and_the_real_console_exit_status(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("micrograph_path: [unclosed\n")
+    result = subprocess.run([sys.executable, "-m", "dtm.cli", "match", str(config)],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "broken.yaml" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,44 @@
+"""On pure noise, the one-false-positive threshold gives about one peak per micrograph."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dtm.peaks import default_min_distance, pick_peaks, threshold
+from dtm.physics.projection import prepare_template
+from dtm.search.kernel import correlate_chunk
+from dtm.search.orientations import uniform_grid
+from dtm.search.prepare import Optics, prepare_image
+from dtm.search.space import SearchSpace
+from dtm.search.stats import finalise
+from dtm.simulate import simulate_template
+
+N_MICROGRAPHS = 24
+
+
+def test_false_positive_rate_on_noise_micrographs():
+    box = 32
+    template = prepare_template(simulate_template(box, pixel_size=3.0, n_atoms=2000, seed=3))
+    space = SearchSpace(euler=uniform_grid(psi_step=20.0, theta_step=20.0), defocus=np.zeros(1))
+    optics = Optics(3.0, 300.0, 2.7, 0.07, 10000.0, 9500.0, 30.0)
+    rng = np.random.default_rng(2026)
+    counts, pooled = [], []
+    for _ in range(N_MICROGRAPHS):
+        noise = rng.normal(size=(96, 96)).astype(np.float32)
+        image = prepare_image(noise, box_shape=(box, box), optics=optics,
+                              relative_defocus=space.defocus)  # fmt: skip
+        stats = correlate_chunk(image, template, space.euler, 0)
+        maps = finalise(stats, space)
+        cutoff = threshold(maps["scaled_mip"].size, space.n_correlations, 1.0)
+        peaks = pick_peaks(maps["scaled_mip"], cutoff, min_distance=default_min_distance(box))
+        counts.append(len(peaks))
+        pooled.append((stats.total.sum() / stats.count / stats.total.size,
+                       stats.total_sq.sum() / stats.count / stats.total.size))  # fmt: skip
+    mean_count = float(np.mean(counts))
+    print(f"false positives per noise micrograph: mean {mean_count:.2f}, counts {counts}")
+    assert mean_count <= 2.0
+    assert max(counts) <= 6  # never a flood
+    # Correlations of a noise micrograph are ~N(0, 1) by the normalisation of SPEC §2.
+    mean, mean_sq = np.mean(pooled, axis=0)
+    assert abs(mean) < 0.02
+    assert abs(np.sqrt(mean_sq - mean**2) - 1.0) < 0.02
