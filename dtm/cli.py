@@ -15,9 +15,12 @@ from dtm.errors import DtmError
 
 
 def _cluster_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scheduler", metavar="ADDRESS",
-                        help="address of a running dask scheduler (tcp://host:8786) or its "
-                             "scheduler file; default: start an embedded local cluster")  # fmt: skip
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="address of a running dask scheduler (tcp://host:8786) or its "
+        "scheduler file; default: start an embedded local cluster",
+    )
     parser.add_argument("--workers", type=int, metavar="N", help="workers of a local cluster")
     parser.add_argument("--device", choices=["cpu", "gpu"], help="array backend of the workers")
 
@@ -72,8 +75,9 @@ def _refine(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dtm`` command."""
-    parser = argparse.ArgumentParser(prog="dtm", description="2D template matching for cryo-EM, "
-                                     "distributed with Dask.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="dtm", description="2D template matching for cryo-EM, distributed with Dask."
+    )
     from dtm import __version__
 
     parser.add_argument("--version", action="version", version=f"dtm {__version__}")
@@ -85,8 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode = match.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
     mode.add_argument("--overwrite", action="store_true", help="replace earlier results")
-    match.add_argument("--strict", action="store_true",
-                       help="stop at the first bad micrograph instead of skipping it")  # fmt: skip
+    match.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first bad micrograph instead of skipping it",
+    )
     _cluster_options(match)
     match.set_defaults(func=_match)
 
@@ -98,13 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     peaks = sub.add_parser("peaks", help="re-pick peaks from the results of dtm match")
     peaks.add_argument("results_dir", help="output directory of dtm match")
     cut = peaks.add_mutually_exclusive_group()
-    cut.add_argument("--false-positives", type=float, metavar="F",
-                     help="expected false positives per micrograph (default 1)")  # fmt: skip
+    cut.add_argument(
+        "--false-positives",
+        type=float,
+        metavar="F",
+        help="expected false positives per micrograph (default 1)",
+    )
     cut.add_argument("--z-cutoff", type=float, metavar="Z", help="fixed scaled-MIP cut-off")
-    peaks.add_argument("--min-distance", type=float, metavar="PIXELS",
-                       help="minimum distance between peaks (pixels)")  # fmt: skip
-    peaks.add_argument("--border", type=int, default=0, metavar="PIXELS",
-                       help="exclude peaks this close to the map edge")  # fmt: skip
+    peaks.add_argument(
+        "--min-distance",
+        type=float,
+        metavar="PIXELS",
+        help="minimum distance between peaks (pixels)",
+    )
+    peaks.add_argument(
+        "--border",
+        type=int,
+        default=0,
+        metavar="PIXELS",
+        help="exclude peaks this close to the map edge",
+    )
     peaks.set_defaults(func=_peaks)
 
     refine = sub.add_parser("refine", help="refine particles from a results table")

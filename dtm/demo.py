@@ -68,18 +68,29 @@ def compare_with_planted(peaks: pd.DataFrame, planted: list[dict[str, Any]]) -> 
     """
     rows = []
     for particle in planted:
-        row = {"pos_y": particle["pos_y"], "pos_x": particle["pos_x"], "found": False,
-               "position_error": np.nan, "angle_error": np.nan, "defocus_error": np.nan}  # fmt: skip
+        row = {
+            "pos_y": particle["pos_y"],
+            "pos_x": particle["pos_x"],
+            "found": False,
+            "position_error": np.nan,
+            "angle_error": np.nan,
+            "defocus_error": np.nan,
+        }
         if len(peaks):
-            distance = np.hypot(peaks["pos_y"] - particle["pos_y"], peaks["pos_x"] - particle["pos_x"])
+            distance = np.hypot(
+                peaks["pos_y"] - particle["pos_y"], peaks["pos_x"] - particle["pos_x"]
+            )
             best = int(np.argmin(distance))
             if distance.iloc[best] <= 2:
                 peak = peaks.iloc[best]
                 truth = euler_to_matrix([particle["phi"], particle["theta"], particle["psi"]])
                 found = euler_to_matrix([peak["phi"], peak["theta"], peak["psi"]])
-                row.update(found=True, position_error=float(distance.iloc[best]),
-                           angle_error=float(geodesic_angle(truth, found)),
-                           defocus_error=float(peak["relative_defocus"] - particle["relative_defocus"]))  # fmt: skip
+                row.update(
+                    found=True,
+                    position_error=float(distance.iloc[best]),
+                    angle_error=float(geodesic_angle(truth, found)),
+                    defocus_error=float(peak["relative_defocus"] - particle["relative_defocus"]),
+                )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -97,15 +108,26 @@ def run_demo(
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(data, out / "results"), sort_keys=False))
-    print(f"demo: {len(data['particles'])} particles planted in {data['micrograph_path']}; "
-          f"configuration in {config_path}", file=stream)  # fmt: skip
+    print(
+        f"demo: {len(data['particles'])} particles planted in {data['micrograph_path']}; "
+        f"configuration in {config_path}",
+        file=stream,
+    )
     config = load_match_config(config_path)
     overwrite = (out / "results").exists()
-    match_template(config, overwrite=overwrite, scheduler_address=scheduler_address,
-                   n_workers=n_workers, out=stream)  # fmt: skip
+    match_template(
+        config,
+        overwrite=overwrite,
+        scheduler_address=scheduler_address,
+        n_workers=n_workers,
+        out=stream,
+    )
     peaks = pd.read_csv(out / "results" / "peaks.csv")
     report = compare_with_planted(peaks, data["particle_table"])
     print(report.to_string(index=False, float_format=lambda v: f"{v:.2f}"), file=stream)
-    print(f"demo: found {int(report['found'].sum())} of {len(report)} planted particles "
-          f"({len(peaks)} peaks above threshold)", file=stream)  # fmt: skip
+    print(
+        f"demo: found {int(report['found'].sum())} of {len(report)} planted particles "
+        f"({len(peaks)} peaks above threshold)",
+        file=stream,
+    )
     return report

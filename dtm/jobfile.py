@@ -23,8 +23,16 @@ from dtm.io.store import write_json
 
 JOB_FILE = "job.json"
 #: Files and folders of an output directory that belong to a dtm match run.
-RUN_OUTPUTS = ("results.zarr", "maps", "checkpoints", JOB_FILE, "run.json", "peaks.csv",
-               "peaks.parquet", "peaks.star")
+RUN_OUTPUTS = (
+    "results.zarr",
+    "maps",
+    "checkpoints",
+    JOB_FILE,
+    "run.json",
+    "peaks.csv",
+    "peaks.parquet",
+    "peaks.star",
+)
 
 
 def file_digest(path: str | Path) -> str:

@@ -25,14 +25,14 @@ import xarray as xr
 import dtm
 from dtm.cluster import connect, dashboard_link, ensure_workers
 from dtm.config import MatchConfig, MicrographEntry, config_to_dict, load_match_config
-from dtm.errors import DtmError, InputError
+from dtm.errors import DtmError, InputError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph, read_template
 from dtm.io.store import open_results, write_json
 from dtm.jobfile import clear_outputs, file_digest, prepare_output, write_job
 from dtm.progress import Progress, format_duration
 from dtm.search import tasks
 from dtm.search.graph import search_graph, token
-from dtm.search.prepare import FilterSettings, Optics, fft_shape_for
+from dtm.search.prepare import Optics, fft_shape_for
 from dtm.search.space import SearchSpace
 
 #: Pixel-correlations (FFT size × correlations) per task: a few seconds on one CPU core.
@@ -81,21 +81,6 @@ def _optics(config: MatchConfig, entry: MicrographEntry) -> Optics:
         astigmatism_angle=entry.astigmatism_angle,
         phase_shift=float(entry.phase_shift or 0.0),
         ctf_B_factor=group.ctf_B_factor,
-    )
-
-
-def _filters(config: MatchConfig) -> FilterSettings:
-    pre = config.preprocessing_filters
-    low, high = (None, None)
-    if pre.bandpass_filter.enabled:
-        low, high = pre.bandpass_filter.cutoffs_angstrom(config.optics_group.pixel_size)
-    return FilterSettings(
-        whitening=pre.whitening_filter.enabled,
-        whitening_max_freq=pre.whitening_filter.max_freq,
-        whitening_bins=pre.whitening_filter.num_freq_bins,
-        low_resolution=low,
-        high_resolution=high,
-        bandpass_falloff=pre.bandpass_filter.falloff,
     )
 
 
@@ -172,15 +157,61 @@ def _attrs(
     }
 
 
+def _check_leopard_paths(config: MatchConfig, replace: bool) -> None:
+    """Leopard-EM's ``allow_file_overwrite: false`` protects its map paths."""
+    result = config.match_template_result
+    if result is None or result.allow_file_overwrite or replace:
+        return
+    existing = [str(path) for path in result.map_paths().values() if Path(path).exists()]
+    if existing:
+        raise OutputError(
+            f"match_template_result: {existing[0]} exists and allow_file_overwrite is false "
+            "(use --overwrite to replace it)"
+        )
+
+
+def _resolve_device(config: MatchConfig, device: str | None, out: TextIO) -> str:
+    """The array backend: ``--device``, else ``cluster.device``, else Leopard-EM's ``gpu_ids``.
+
+    A Leopard-EM file asks for GPU 0 by default; where no GPU works, dtm runs it on the CPU
+    with a notice rather than refusing a file that ran elsewhere.
+    """
+    if device is not None:
+        return device
+    if "device" in config.cluster.model_fields_set or config.computational_config is None:
+        return config.cluster.device
+    wanted = config.computational_config.device
+    if wanted == "gpu":
+        from dtm.cluster import gpu_unavailable_reason
+
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            print(
+                f"notice: computational_config.gpu_ids asks for a GPU, none works here "
+                f"({reason}): running on the CPU",
+                file=out,
+            )
+            return "cpu"
+    return wanted
+
+
 def _versions() -> dict[str, str]:
     import mrcfile
     import pandas
     import scipy
     import zarr
 
-    modules = {"dtm": dtm, "numpy": np, "scipy": scipy, "dask": dask,
-               "distributed": distributed, "xarray": xr, "zarr": zarr, "pandas": pandas,
-               "mrcfile": mrcfile}  # fmt: skip
+    modules = {
+        "dtm": dtm,
+        "numpy": np,
+        "scipy": scipy,
+        "dask": dask,
+        "distributed": distributed,
+        "xarray": xr,
+        "zarr": zarr,
+        "pandas": pandas,
+        "mrcfile": mrcfile,
+    }
     return {name: str(getattr(mod, "__version__", "?")) for name, mod in modules.items()}
 
 
@@ -241,6 +272,7 @@ def match_template(
     chunk_size = config.cluster.chunk_size or auto_chunk_size(space, fft_shape)
     fingerprint = _fingerprint(config, plans, chunk_size)
     previous = prepare_output(output_dir, fingerprint, resume=resume, overwrite=overwrite)
+    _check_leopard_paths(config, overwrite or resume)
     done = _completed_from_report(output_dir) if previous is not None else set()
 
     chunks = space.chunks(chunk_size)
@@ -250,11 +282,17 @@ def match_template(
         f"{len(chunks)} tasks of ≤ {chunk_size} orientations each",
         file=out,
     )
+    run_device = _resolve_device(config, device, out)
     with contextlib.ExitStack() as stack:
         if client is None:
             client = stack.enter_context(
-                connect(config.cluster, scheduler_address=scheduler_address,
-                        n_workers=n_workers, device=device, quiet=True)  # fmt: skip
+                connect(
+                    config.cluster,
+                    scheduler_address=scheduler_address,
+                    n_workers=n_workers,
+                    device=run_device,
+                    quiet=True,
+                )
             )
         ensure_workers(client, 1)
         print(f"dashboard: {dashboard_link(client)}", file=out)
@@ -263,16 +301,19 @@ def match_template(
             clear_outputs(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_job(output_dir, config_to_dict(config), fingerprint)
-        run_device = device or config.cluster.device
-        tasks_run = _run(client, config, plans, template, space, chunks, done, output_dir,
-                         start, run_device, out)  # fmt: skip
+        tasks_run = _run(
+            client, config, plans, template, space, chunks, done, output_dir, start, run_device, out
+        )
         _write_peaks(config, output_dir, out)
     wall = time.perf_counter() - t0
     n_searched = sum(1 for p in plans if p.status == "done")
     rate = n_searched * space.n_correlations / wall if wall > 0 else 0.0
     _write_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
-    print(f"finished in {format_duration(wall)} ({rate:,.0f} correlations/s overall); "
-          f"results in {output_dir}/ (results.zarr, maps/, peaks.csv, run.json)", file=out)  # fmt: skip
+    print(
+        f"finished in {format_duration(wall)} ({rate:,.0f} correlations/s overall); "
+        f"results in {output_dir}/ (results.zarr, maps/, peaks.csv, run.json)",
+        file=out,
+    )
     failed = [p for p in plans if p.status == "failed"]
     if failed:
         print(f"{len(failed)} micrograph(s) skipped: see {output_dir / 'run.json'}", file=out)
@@ -285,14 +326,24 @@ def _completed_from_report(output_dir: Path) -> set[str]:
     if not path.exists():
         return set()
     report = json.loads(path.read_text())
-    return {name for name, item in report.get("micrographs", {}).items() if item["status"] == "done"}
+    return {
+        name for name, item in report.get("micrographs", {}).items() if item["status"] == "done"
+    }
 
 
 def _run(
-    client: distributed.Client, config: MatchConfig, plans: list[MicrographPlan],
-    template: MrcData, space: SearchSpace, chunks: list[tuple[int, int]], done: set[str],
-    output_dir: Path, start: str, device: str, out: TextIO,
-) -> int:  # fmt: skip
+    client: distributed.Client,
+    config: MatchConfig,
+    plans: list[MicrographPlan],
+    template: MrcData,
+    space: SearchSpace,
+    chunks: list[tuple[int, int]],
+    done: set[str],
+    output_dir: Path,
+    start: str,
+    device: str,
+    out: TextIO,
+) -> int:
     """Build one graph for every micrograph still to search, run it, record each outcome."""
     single = len(plans) == 1
     box = (int(template.data.shape[1]), int(template.data.shape[2]))
@@ -300,7 +351,7 @@ def _run(
         str(config.template_volume_path), dask_key_name="prepare-template"
     )
     [space_future] = client.scatter([space], broadcast=False, hash=False)
-    filters = _filters(config)
+    filters = config.preprocessing_filters.settings(config.optics_group.pixel_size)
     roots, n_tasks, todo = [], 0, []
     for plan in plans:
         if plan.status == "failed":
@@ -309,24 +360,39 @@ def _run(
             plan.status = "done"
             continue
         tok = token(plan.name)
-        job = tasks.MicrographTask(plan.name, str(plan.entry.micrograph_path), plan.optics,
-                                   box, filters, config.correlation_mode)  # fmt: skip
+        job = tasks.MicrographTask(
+            plan.name,
+            str(plan.entry.micrograph_path),
+            plan.optics,
+            box,
+            filters,
+            config.correlation_mode,
+        )
         image_node = dask.delayed(tasks.load_micrograph)(
             job, space.defocus, dask_key_name=f"prepare-{tok}"
         )
         tree, n_leaves = search_graph(
-            plan.name, image_node, template_node, space_future, chunks,
+            plan.name,
+            image_node,
+            template_node,
+            space_future,
+            chunks,
             split_every=config.cluster.split_every,
-            checkpoint_dir=output_dir / "checkpoints" / tok, device=device,
-        )  # fmt: skip
+            checkpoint_dir=output_dir / "checkpoints" / tok,
+            device=device,
+        )
         extra = config.match_template_result.map_paths() if config.match_template_result else None
         root = dask.delayed(tasks.persist)(
-            tree, space_future, output_dir=str(output_dir), group=None if single else plan.name,
-            prefix="" if single else f"{plan.name}_", pixel_size=plan.optics.pixel_size,
+            tree,
+            space_future,
+            output_dir=str(output_dir),
+            group=None if single else plan.name,
+            prefix="" if single else f"{plan.name}_",
+            pixel_size=plan.optics.pixel_size,
             attrs=_attrs(config, plan, template, space, start),
             extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
             dask_key_name=f"persist-{tok}",
-        )  # fmt: skip
+        )
         roots.append(root)
         todo.append(plan)
         n_tasks += n_leaves
@@ -334,8 +400,11 @@ def _run(
         return 0
     per_task = space.n_correlations / max(len(chunks), 1)
     if n_tasks < len(chunks) * len(todo):
-        print(f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "
-              "tasks restored from checkpoints", file=out)  # fmt: skip
+        print(
+            f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "
+            "tasks restored from checkpoints",
+            file=out,
+        )
     futures = client.compute(roots)
     plan_of = {future.key: plan for future, plan in zip(futures, todo, strict=True)}
     started = time.perf_counter()
@@ -378,9 +447,11 @@ def _min_distance_pixels(config: MatchConfig) -> float | None:
 
 
 def _write_report(
-    output_dir: Path, plans: list[MicrographPlan], wall: float | None,
+    output_dir: Path,
+    plans: list[MicrographPlan],
+    wall: float | None,
     tasks: tuple[int, int] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """``run.json``: per micrograph status, timing and error; versions."""
     write_json(
         output_dir / "run.json",
@@ -392,9 +463,13 @@ def _write_report(
             "tasks_total": None if tasks is None else tasks[1],
             "versions": _versions(),
             "micrographs": {
-                p.name: {"path": str(p.entry.micrograph_path), "status": p.status,
-                         "seconds": p.seconds, "error": p.error}
+                p.name: {
+                    "path": str(p.entry.micrograph_path),
+                    "status": p.status,
+                    "seconds": p.seconds,
+                    "error": p.error,
+                }
                 for p in plans
-            },  # fmt: skip
+            },
         },
     )

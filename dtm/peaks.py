@@ -391,7 +391,7 @@ def peaks_dataframe(
             store=store,
             options=options,
             meta=empty_peak_table(),
-            label="dtm-peaks",
+            label="peaks",
             enforce_metadata=True,
         )
 

@@ -41,7 +41,13 @@ from dtm.refine_partition import (
 )
 from dtm.search import tasks
 
-__all__ = ["REFINED_DTYPES", "refine_settings", "refine_template", "refined_meta"]
+__all__ = [
+    "REFINED_DTYPES",
+    "refine_dataframe",
+    "refine_settings",
+    "refine_template",
+    "refined_meta",
+]
 
 
 def refine_settings(config: RefineConfig, template_box: int) -> RefineSettings:

@@ -112,21 +112,6 @@ def start_columns(table: pd.DataFrame) -> dict[str, str]:
     }
 
 
-def filter_settings(pre: PreprocessingFilters, pixel_size: float) -> FilterSettings:
-    """The kernel's filter settings of a ``preprocessing_filters`` section (as dtm match)."""
-    low, high = (None, None)
-    if pre.bandpass_filter.enabled:
-        low, high = pre.bandpass_filter.cutoffs_angstrom(pixel_size)
-    return FilterSettings(
-        whitening=pre.whitening_filter.enabled,
-        whitening_max_freq=pre.whitening_filter.max_freq,
-        whitening_bins=pre.whitening_filter.num_freq_bins,
-        low_resolution=low,
-        high_resolution=high,
-        bandpass_falloff=pre.bandpass_filter.falloff,
-    )
-
-
 def _optics(row: pd.Series) -> Optics:
     return Optics(
         pixel_size=float(row["pixel_size"]),
@@ -280,7 +265,7 @@ def refine_partition(
         _boxes(m, top + window[0].start, left + window[1].start, window_shape, "constant", np.nan)
         for m in (mean_map, variance_map)
     ]
-    filters = filter_settings(settings.filters, pixel_size)
+    filters = settings.filters.settings(pixel_size)
     if settings.global_filtering:
         filtered, box_filter = _filtered_micrograph(image, (h, w), optics, filters)
         boxes = _boxes(filtered, top, left, (by, bx), "constant", 0.0)  # 0: the filtered mean

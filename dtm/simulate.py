@@ -313,9 +313,9 @@ def demo_dataset(
     Particles (about 130 Å across in a 192 Å box: a molecule this size has projections that
     differ enough between orientations for the scaled MIP to single it out, where a small
     compact one raises the correlation variance at its own position as much as its MIP) are
-    planted at orientations of the 15°/15° uniform grid and at relative defocus -1200, 0 or 1200 Å (planes far enough apart to be told
-    apart at 3 Å/pixel), so a search with that grid and ``defocus_min=-1200,
-    defocus_max=1200, defocus_step=1200`` can find them exactly.
+    planted at orientations of the 15°/15° uniform grid and at relative defocus -1200, 0 or
+    1200 Å (planes far enough apart to be told apart at 3 Å/pixel), so a search with that
+    grid and ``defocus_min=-1200, defocus_max=1200, defocus_step=1200`` finds them exactly.
 
     Parameters
     ----------

@@ -44,17 +44,32 @@ def write_dataset(
         write_map(template_path, template, pixel_size=PIXEL_SIZE)
     grid = uniform_grid(psi_step=PSI_STEP, theta_step=THETA_STEP)
     particles = random_particles(
-        n_particles, shape, BOX, orientations=grid, defocus_values=DEFOCUS,
-        min_separation=1.2 * BOX, seed=seed,
-    )  # fmt: skip
+        n_particles,
+        shape,
+        BOX,
+        orientations=grid,
+        defocus_values=DEFOCUS,
+        min_separation=1.2 * BOX,
+        seed=seed,
+    )
     micrograph = simulate_micrograph(
-        template, shape, particles, pixel_size=PIXEL_SIZE, signal_scale=18.0,
-        low_frequency_noise=5.0, seed=seed + 100, b_factor=0.0, **OPTICS,
-    )  # fmt: skip
+        template,
+        shape,
+        particles,
+        pixel_size=PIXEL_SIZE,
+        signal_scale=18.0,
+        low_frequency_noise=5.0,
+        seed=seed + 100,
+        b_factor=0.0,
+        **OPTICS,
+    )
     micrograph_path = directory / f"{name}.mrc"
     write_map(micrograph_path, micrograph, pixel_size=PIXEL_SIZE)
-    return {"micrograph_path": micrograph_path, "template_path": template_path,
-            "particles": particles}  # fmt: skip
+    return {
+        "micrograph_path": micrograph_path,
+        "template_path": template_path,
+        "particles": particles,
+    }
 
 
 def match_config(
@@ -67,10 +82,12 @@ def match_config(
     config: dict[str, Any] = {
         "template_volume_path": str(template_path),
         "output_dir": str(output_dir),
-        "optics_group": {"label": "test", "pixel_size": PIXEL_SIZE, "ctf_B_factor": 0.0,
-                         **OPTICS},  # fmt: skip
-        "defocus_search_config": {"defocus_min": DEFOCUS[0], "defocus_max": DEFOCUS[-1],
-                                  "defocus_step": DEFOCUS[1] - DEFOCUS[0]},  # fmt: skip
+        "optics_group": {"label": "test", "pixel_size": PIXEL_SIZE, "ctf_B_factor": 0.0, **OPTICS},
+        "defocus_search_config": {
+            "defocus_min": DEFOCUS[0],
+            "defocus_max": DEFOCUS[-1],
+            "defocus_step": DEFOCUS[1] - DEFOCUS[0],
+        },
         "orientation_search_config": {"psi_step": PSI_STEP, "theta_step": THETA_STEP},
         "cluster": {"chunk_size": 40},
     }

@@ -96,10 +96,16 @@ def run_page(
     executable = chromium_path()
     if executable is None:
         raise RuntimeError("chromium is not installed (apt-get install -y chromium)")
-    with tempfile.TemporaryDirectory(prefix="dtm-chromium-") as profile:
+    # Chromium's helper processes may still write to the profile while it is removed.
+    with tempfile.TemporaryDirectory(prefix="dtm-chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
-            [executable, *FLAGS, f"--user-data-dir={profile}",
-             f"--window-size={window[0]},{window[1]}", "about:blank"],  # fmt: skip
+            [
+                executable,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={window[0]},{window[1]}",
+                "about:blank",
+            ],  # fmt: skip
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -15,7 +15,6 @@ import pytest
 from datasets import PIXEL_SIZE, match_config, write_config, write_dataset
 
 from dtm.cli import main
-from dtm.io.mrc import write_map
 
 
 @pytest.fixture(scope="module")
@@ -155,17 +154,25 @@ CASES: dict[str, tuple[Callable[[Path, dict, dict], str], list[str]]] = {
     "wrong type": (_setter("orientation_search_config.psi_step", "fast", "psi_step"), []),
     "negative step": (_setter("orientation_search_config.theta_step", -5.0, "theta_step"), []),
     "zero defocus step": (_setter("defocus_search_config.defocus_step", 0.0, "defocus_step"), []),
-    "inverted defocus range": (_setter("defocus_search_config.defocus_min", 5000.0,
-                                       "defocus_min"), []),  # fmt: skip
+    "inverted defocus range": (
+        _setter("defocus_search_config.defocus_min", 5000.0, "defocus_min"),
+        [],
+    ),
     "unknown symmetry": (_setter("orientation_search_config.symmetry", "X7", "X7"), []),
     "missing template": (_setter("template_volume_path", "/nonexistent/t.mrc", "t.mrc"), []),
-    "missing micrograph in table": (_table([{"micrograph_path": "/nonexistent/m.mrc", **_CTF}],
-                                           "m.mrc"), []),  # fmt: skip
-    "duplicate micrograph names": (_table([{"micrograph_path": None, **_CTF}] * 2,
-                                          "duplicate"), []),  # fmt: skip
+    "missing micrograph in table": (
+        _table([{"micrograph_path": "/nonexistent/m.mrc", **_CTF}], "m.mrc"),
+        [],
+    ),
+    "duplicate micrograph names": (
+        _table([{"micrograph_path": None, **_CTF}] * 2, "duplicate"),
+        [],
+    ),
     "unwritable output directory": (_unwritable, []),
-    "unreachable scheduler": (_setter("output_dir", None, "tcp://127.0.0.1:1"),
-                              ["--scheduler", "tcp://127.0.0.1:1"]),  # fmt: skip
+    "unreachable scheduler": (
+        _setter("output_dir", None, "tcp://127.0.0.1:1"),
+        ["--scheduler", "tcp://127.0.0.1:1"],
+    ),
 }
 
 
@@ -194,8 +201,9 @@ def test_existing_results_need_resume_or_overwrite(good, tmp_path, capsys):
     out = tmp_path / "out"
     _earlier_results(out)
     before = _tree_digest(out)
-    config = write_config(tmp_path / "c.yaml", match_config(good["micrograph_path"],
-                                                            good["template_path"], out))  # fmt: skip
+    config = write_config(
+        tmp_path / "c.yaml", match_config(good["micrograph_path"], good["template_path"], out)
+    )
     assert main(["match", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--resume" in err and "--overwrite" in err and str(out) in err
@@ -205,8 +213,12 @@ def test_existing_results_need_resume_or_overwrite(good, tmp_path, capsys):
 def test_yaml_syntax_error_and_the_real_console_exit_status(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("micrograph_path: [unclosed\n")
-    result = subprocess.run([sys.executable, "-m", "dtm.cli", "match", str(config)],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "dtm.cli", "match", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "broken.yaml" in result.stderr
     assert "Traceback" not in result.stderr

@@ -30,8 +30,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def two_workers() -> Client:
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -79,8 +83,16 @@ def test_valid_mode_outputs(valid_run, dataset):
     assert attrs["correlation_mode"] == "valid" and attrs["pixel_size"] == PIXEL_SIZE
     assert json.loads(attrs["config"])["orientation_search_config"]["psi_step"] == 30.0
     np.testing.assert_allclose(reopened.x_angstrom.values, np.arange(w) * PIXEL_SIZE)
-    for name in ("mip", "scaled_mip", "correlation_average", "correlation_variance",
-                 "orientation_phi", "orientation_theta", "orientation_psi", "relative_defocus"):
+    for name in (
+        "mip",
+        "scaled_mip",
+        "correlation_average",
+        "correlation_variance",
+        "orientation_phi",
+        "orientation_theta",
+        "orientation_psi",
+        "relative_defocus",
+    ):
         with mrcfile.open(out / "maps" / f"{name}.mrc") as mrc:
             assert mrc.data.shape == (h, w)
             assert float(mrc.voxel_size.x) == pytest.approx(PIXEL_SIZE)
@@ -103,8 +115,12 @@ def test_one_worker_two_workers_and_external_cluster_give_identical_maps(
     valid_run, dataset, dask_cli_cluster, tmp_path
 ):
     _, reference = valid_run
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         one = match_template(_config(dataset, tmp_path / "one"), client=client)
     external = match_template(
         _config(dataset, tmp_path / "ext"), scheduler_address=dask_cli_cluster.address
@@ -132,8 +148,10 @@ def test_cli_runs_and_prints_the_summary(dataset, tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-m", "dtm.cli", "match", str(config), "--workers", "2"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "correlations per micrograph" in result.stdout
     assert "dashboard: http" in result.stdout

@@ -25,15 +25,20 @@ def test_false_positive_rate_on_noise_micrographs():
     counts, pooled = [], []
     for _ in range(N_MICROGRAPHS):
         noise = rng.normal(size=(96, 96)).astype(np.float32)
-        image = prepare_image(noise, box_shape=(box, box), optics=optics,
-                              relative_defocus=space.defocus)  # fmt: skip
+        image = prepare_image(
+            noise, box_shape=(box, box), optics=optics, relative_defocus=space.defocus
+        )
         stats = correlate_chunk(image, template, space.euler, 0)
         maps = finalise(stats, space)
         cutoff = threshold(maps["scaled_mip"].size, space.n_correlations, 1.0)
         peaks = pick_peaks(maps["scaled_mip"], cutoff, min_distance=default_min_distance(box))
         counts.append(len(peaks))
-        pooled.append((stats.total.sum() / stats.count / stats.total.size,
-                       stats.total_sq.sum() / stats.count / stats.total.size))  # fmt: skip
+        pooled.append(
+            (
+                stats.total.sum() / stats.count / stats.total.size,
+                stats.total_sq.sum() / stats.count / stats.total.size,
+            )
+        )
     mean_count = float(np.mean(counts))
     print(f"false positives per noise micrograph: mean {mean_count:.2f}, counts {counts}")
     assert mean_count <= 2.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -38,8 +39,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def client() -> Client:
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -67,10 +72,12 @@ def test_kill_at_half_then_resume_is_bit_identical(data, reference, tmp_path):
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", _config(data, out, cluster=FINE_CLUSTER))
     command = [sys.executable, "-m", "dtm.cli", "match", str(config), "--workers", "2"]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     checkpoints = out / "checkpoints"
-    n_groups = -(-(-(-552 // 8)) // 3)  # 69 chunks in groups of 3
+    n_chunks = math.ceil(552 / FINE_CLUSTER["chunk_size"])
+    n_groups = math.ceil(n_chunks / FINE_CLUSTER["split_every"])
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if len(list(checkpoints.rglob("group-*.npz"))) >= n_groups // 2:
@@ -135,10 +142,14 @@ def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
 ):
     bad = tmp_path / "bad.mrc"
     bad.write_bytes(b"not an mrc file")
-    table = pd.DataFrame({
-        "micrograph_path": [str(data / f"mic{i}.mrc") for i in range(3)] + [str(bad)],
-        "defocus_u": 10000.0, "defocus_v": 9500.0, "astigmatism_angle": 30.0,
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "micrograph_path": [str(data / f"mic{i}.mrc") for i in range(3)] + [str(bad)],
+            "defocus_u": 10000.0,
+            "defocus_v": 9500.0,
+            "astigmatism_angle": 30.0,
+        }
+    )
     table.to_csv(tmp_path / "mics.csv", index=False)
     out = tmp_path / "out"
     config = _config(data, out, cluster=FINE_CLUSTER)
@@ -155,5 +166,6 @@ def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
     peaks = pd.read_csv(out / "peaks.csv")
     assert set(peaks.micrograph_name) <= {"mic0", "mic1", "mic2"}
     with pytest.raises(Exception, match="bad.mrc"):
-        match_template(MatchConfig.model_validate(config), client=client, overwrite=True,
-                       strict=True)  # fmt: skip
+        match_template(
+            MatchConfig.model_validate(config), client=client, overwrite=True, strict=True
+        )

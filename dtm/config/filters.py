@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import Field, model_validator
+
+if TYPE_CHECKING:
+    from dtm.search.prepare import FilterSettings
 
 from dtm.config.base import (
     NonNegative,
@@ -20,14 +23,16 @@ from dtm.config.base import (
 class WhiteningFilterConfig(_Model):
     """Whitening by the micrograph's radially averaged power spectrum."""
 
+    leopard_unused = ("do_power_spectrum",)
     enabled: bool = True
     """Whiten the micrograph and every projection."""
     num_freq_bins: PositiveInt | None = None
     """Radial shells of the averaged spectrum (default: about one per pixel of radius)."""
     max_freq: Annotated[float, Field(gt=0, le=1)] = 0.5
-    """Highest frequency whitened, cycles/pixel; above it the filter is 1."""
+    """Highest frequency whitened, cycles/pixel; above it the filter keeps its value there."""
     do_power_spectrum: bool = True
-    """Average the power spectrum (true) or the amplitude spectrum (false)."""
+    """Leopard-EM: average the power (true) or amplitude (false) spectrum; dtm always
+    averages the power spectrum (SPEC §2)."""
 
 
 class BandpassFilterConfig(_Model):
@@ -110,3 +115,19 @@ class PreprocessingFilters(_Model):
     """Leopard-EM phase randomisation (unsupported)."""
     arbitrary_curve_filter: ArbitraryCurveFilterConfig = ArbitraryCurveFilterConfig()
     """Leopard-EM arbitrary-curve filter (unsupported)."""
+
+    def settings(self, pixel_size: float) -> FilterSettings:
+        """The search kernel's filter settings (band-pass cut-offs converted to Å)."""
+        from dtm.search.prepare import FilterSettings  # noqa: PLC0415 (no cycle at import)
+
+        low, high = (None, None)
+        if self.bandpass_filter.enabled:
+            low, high = self.bandpass_filter.cutoffs_angstrom(pixel_size)
+        return FilterSettings(
+            whitening=self.whitening_filter.enabled,
+            whitening_max_freq=self.whitening_filter.max_freq,
+            whitening_bins=self.whitening_filter.num_freq_bins,
+            low_resolution=low,
+            high_resolution=high,
+            bandpass_falloff=self.bandpass_filter.falloff,
+        )

@@ -32,6 +32,7 @@ from dtm.config.search import (
 class MatchTemplateResult(_Model):
     """Leopard-EM output paths: the maps are also written there, besides ``output_dir``."""
 
+    leopard_unused = ("total_defocus", "total_orientations", "total_projections")
     allow_file_overwrite: bool = False
     """Replace existing files at these paths."""
     mip_path: OutputPath | None = None
@@ -50,6 +51,12 @@ class MatchTemplateResult(_Model):
     """φ map, degrees, .mrc."""
     relative_defocus_path: OutputPath | None = None
     """Relative defocus map, Å, .mrc."""
+    total_defocus: int | None = None
+    """Written by older Leopard-EM versions after a run; ignored."""
+    total_orientations: int | None = None
+    """Written by older Leopard-EM versions after a run; ignored."""
+    total_projections: int | None = None
+    """Written by older Leopard-EM versions after a run; ignored."""
 
     def map_paths(self) -> dict[str, Path]:
         """Map name (``mip``, ``scaled_mip``, ``correlation_mean``, ``correlation_variance``,
@@ -94,8 +101,9 @@ class MatchConfig(_Model):
     """CSV or RELION STAR table of micrographs and CTF fits (one of the three sources)."""
     template_volume_path: InputFile
     """Template .mrc: a cubic volume with the micrographs' pixel size."""
-    output_dir: OutputPath = Path("dtm-out")
-    """Directory of the results (results.zarr, maps/, peak tables)."""
+    output_dir: OutputPath = Field(Path("dtm-out"), validate_default=True)
+    """Directory of the results (results.zarr, maps/, peak tables); relative paths, the
+    default included, are relative to the configuration file."""
     optics_group: OpticsGroup
     """Microscope optics."""
     defocus_search_config: DefocusSearchConfig = DefocusSearchConfig()

@@ -34,6 +34,9 @@ class OpticsGroup(_Model):
         "odd_zernikes",
         "even_zernikes",
         "mag_matrix",
+        "zernike_moments",
+        "odd_zernike",
+        "even_zernike",
     )
     label: str = "default"
     """Name of the optics group (informational)."""
@@ -72,6 +75,12 @@ class OpticsGroup(_Model):
     """Even Zernike coefficients (Leopard-EM; unused)."""
     mag_matrix: list[float] | None = None
     """Anisotropic magnification matrix, 4 floats (Leopard-EM; unused)."""
+    zernike_moments: Any = None
+    """Zernike aberration moments (older Leopard-EM files; unused)."""
+    odd_zernike: Any = None
+    """Odd Zernike coefficients (older Leopard-EM files; unused)."""
+    even_zernike: Any = None
+    """Even Zernike coefficients (older Leopard-EM files; unused)."""
 
 
 class DefocusSearchConfig(_Model):

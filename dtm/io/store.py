@@ -108,7 +108,10 @@ def write_dataset(
     ``pyramid``, max-pooled levels of its ``scaled_mip`` and ``mip`` go into its
     ``pyramid/`` subgroup before the rename (:mod:`dtm.io.pyramid`).
     """
-    chunks = {"y": min(BROWSE_CHUNK, dataset.sizes["y"]), "x": min(BROWSE_CHUNK, dataset.sizes["x"])}
+    chunks = {
+        "y": min(BROWSE_CHUNK, dataset.sizes["y"]),
+        "x": min(BROWSE_CHUNK, dataset.sizes["x"]),
+    }
     encoding = {name: {"chunks": (chunks["y"], chunks["x"])} for name in dataset.data_vars}
     final = store if group is None else store / group
     final.parent.mkdir(parents=True, exist_ok=True)

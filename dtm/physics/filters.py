@@ -156,7 +156,9 @@ def whitening_filter(
     )
     inside = radius <= max_freq
     peak = float(xp.max(xp.where(inside, filt, 0.0))) if bool(inside.any()) else 1.0
-    edge = float(xp.interp(xp.asarray([max_freq]), xp.asarray(k_np[usable]), xp.asarray(amplitude))[0])
+    edge = float(
+        xp.interp(xp.asarray([max_freq]), xp.asarray(k_np[usable]), xp.asarray(amplitude))[0]
+    )
     filt = xp.where(inside, filt, edge) / peak
     return filt.astype(xp.float32)
 

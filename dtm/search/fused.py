@@ -91,7 +91,7 @@ def numba_update() -> Callable[..., None] | None:
                     s[j] += w
                     s2[j] += w * w
 
-    return fused  # type: ignore[no-any-return]
+    return fused
 
 
 def row_major(correlations: np.ndarray) -> np.ndarray:
@@ -169,7 +169,7 @@ def numba_slicer() -> Callable[..., None] | None:
                     )  # fmt: skip
                     out[n, iy, ix] = value * phase[iy, ix]
 
-    return slicer  # type: ignore[no-any-return]
+    return slicer
 
 
 def central_slices(template: Any, rotations: Any) -> Any:

@@ -77,7 +77,12 @@ def search_graph(
         else:
             leaves = [
                 dask.delayed(tasks.correlate)(
-                    image, template, space, *chunks[i], device, dask_key_name=(f"correlate-{tok}", i)
+                    image,
+                    template,
+                    space,
+                    *chunks[i],
+                    device,
+                    dask_key_name=(f"correlate-{tok}", i),
                 )
                 for i in members
             ]

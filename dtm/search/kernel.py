@@ -2,9 +2,12 @@
 
 For a batch of orientations the kernel extracts central slices of the template spectrum,
 applies every defocus plane's filter, returns to real space to subtract the box's edge mean
-and normalise (SPEC §2), transforms the zero-padded projection (only its ``h`` non-zero rows
-are transformed along x), multiplies by the micrograph spectrum and folds the inverse
-transform into the running statistics. The same code runs on numpy and cupy arrays.
+and normalise (SPEC §2), then correlates the maps with the micrograph a few at a time:
+forward transform of the zero-padded projection (only its ``h`` non-zero rows along x, in a
+reused buffer), product with the micrograph spectrum, inverse transform (only the map's
+rows along x), and a fused one-pass update of the running statistics. The same code runs on
+numpy and cupy arrays; where it costs time against the FFT floor is measured in
+``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from dtm.search.fused import central_slices
 from dtm.search.prepare import ImageInputs
 from dtm.search.stats import PartialStats, update
 
-
-#: Orientations projected together by default (amortises the slicer's per-call overhead).
-DEFAULT_BATCH_SIZE = 16
-#: Bytes of half spectra transformed in one batch of FFTs.
-FFT_BATCH_BYTES = 4 << 20
+#: Orientations projected together by default (amortises per-call overheads), at most
+#: ``PROJECTION_BYTES`` of box-sized projections (a 512³ template with 13 planes: 2).
+DEFAULT_BATCH_SIZE = 32
+PROJECTION_BYTES = 32 << 20
+#: Bytes of half spectra transformed in one batch of FFTs: 4 maps at 512², 1 at 1024²
+#: (measured on 2 EPYC cores: larger batches fall out of cache, smaller ones pay the
+#: statistics update's per-call traffic; ``docs/performance.md``).
+FFT_BATCH_BYTES = 5 << 20
 
 
 # Work buffers per thread (a worker may run several kernels at once in its threads).
@@ -110,14 +116,14 @@ def filtered_projections(
     return normalise_projections(projections, image_shape)
 
 
-def maps_per_fft(fft_shape: tuple[int, int], n_defocus: int) -> int:
+def maps_per_fft(fft_shape: tuple[int, int]) -> int:
     """Correlation maps transformed together: about ``FFT_BATCH_BYTES`` of spectra.
 
     Small batches keep each map's spectrum in cache between the transforms, the product
     with the micrograph and the statistics update (measured: ``benchmarks/throughput.py``).
     """
     per_map = fft_shape[0] * (fft_shape[1] // 2 + 1) * 8
-    return max(1, min(n_defocus * 64, FFT_BATCH_BYTES // per_map))
+    return max(1, FFT_BATCH_BYTES // per_map)
 
 
 def _correlate_maps(
@@ -199,7 +205,8 @@ def correlate_chunk(
     options = _fft_options(xp, fft_workers)
     n_defocus = int(image.filters.shape[0])
     h, w = image.box_shape
-    group = maps_per_fft(image.fft_shape, n_defocus)
+    group = maps_per_fft(image.fft_shape)
+    batch_size = max(1, min(batch_size, PROJECTION_BYTES // (n_defocus * h * w * 4)))
     rotations = xp.asarray(euler_to_matrix(np.asarray(euler, dtype=np.float64)))
     stats = PartialStats.empty(image.out_shape, xp)
     for start in range(0, len(euler), batch_size):

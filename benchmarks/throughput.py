@@ -1,0 +1,268 @@
+"""Correlations per second: the bare kernel, the whole ``dtm match``, and the FFT floor.
+
+For each case (S: 512² micrograph, 64³ template; M: 1024², 128³; L: 4096², 512³, GPU only)
+this measures, on all the cores of the machine (one single-threaded process per core, as
+the embedded cluster runs):
+
+* the **FFT floor**: one ``rfft2`` + one ``irfft2`` at the padded FFT size, scipy.fft with
+  one thread, in a plain process (default malloc settings);
+* the **bare kernel**: :func:`dtm.search.kernel.correlate_chunk` over a block of
+  orientations × the case's defocus planes, inputs prepared beforehand;
+* the **whole** ``dtm match`` (:func:`dtm.match.match_template` on a simulated data set
+  written to a temporary directory, embedded ``LocalCluster`` started and closed by the
+  call): correlations / wall time of the call, start-up included.
+
+Times are medians of ``--repeats`` runs. ``ratio`` is the kernel's time per correlation
+over the floor's (wall clock, and CPU time, which other users of a shared machine disturb
+less). Run ``python benchmarks/throughput.py [--cases S,M] [--repeats 5] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.fft
+import yaml
+
+
+@dataclass(frozen=True)
+class Case:
+    """A benchmark problem: micrograph edge, template edge, search grid, defocus planes."""
+
+    name: str
+    image_size: int
+    box_size: int
+    psi_step: float  # degrees, of the whole-match search
+    theta_step: float
+    n_defocus: int
+    kernel_orientations: int  # per process and repeat of the bare kernel
+    gpu_only: bool = False
+
+
+CASES = {
+    # 10°/10° is Leopard-EM's reference search: 14,832 orientations × 1 plane.
+    "S": Case("S", 512, 64, 10.0, 10.0, 1, 384),
+    "M": Case("M", 1024, 128, 15.0, 15.0, 1, 48),
+    "L": Case("L", 4096, 512, 15.0, 15.0, 1, 32, gpu_only=True),
+}
+LEOPARD = {"S": "≈440/s steady, 311/s whole call", "M": "≈94/s", "L": "≈1,650/s (H100)"}
+
+
+def machine_header() -> dict[str, Any]:
+    """Machine, load and library versions, printed above the table."""
+    import dask
+    import distributed
+
+    import dtm
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "numpy": np.__version__,
+                "scipy": scipy.__version__, "dask": dask.__version__,
+                "distributed": distributed.__version__, "dtm": dtm.__version__}  # fmt: skip
+    try:
+        import numba
+
+        versions["numba"] = numba.__version__
+    except ImportError:
+        versions["numba"] = "absent (numpy fallback)"
+    return {
+        "machine": f"{platform.node()} {platform.machine()} {cpu}",
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
+    }
+
+
+# --- work run in each benchmark process -----------------------------------------------------
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_kernel(case: Case, device: str) -> None:
+    """Prepare the micrograph and template once per process; warm up (numba compile)."""
+    from dtm.physics.projection import prepare_template
+    from dtm.search.kernel import correlate_chunk
+    from dtm.search.orientations import uniform_grid
+    from dtm.search.prepare import Optics, prepare_image
+    from dtm.simulate import simulate_template
+
+    rng = np.random.default_rng(os.getpid())
+    micrograph = rng.normal(size=(case.image_size,) * 2).astype(np.float32)
+    volume = simulate_template(case.box_size, pixel_size=1.5, n_atoms=2000)
+    if device == "gpu":
+        import cupy
+
+        micrograph, volume = cupy.asarray(micrograph), cupy.asarray(volume)
+    optics = Optics(1.5, 300.0, 2.7, 0.07, 10000.0, 9500.0, 30.0)
+    defocus = np.linspace(-1000.0, 1000.0, case.n_defocus) if case.n_defocus > 1 else [0.0]
+    image = prepare_image(micrograph, box_shape=(case.box_size,) * 2, optics=optics,
+                          relative_defocus=np.asarray(defocus))  # fmt: skip
+    template = prepare_template(volume)
+    euler = uniform_grid(psi_step=5.0, theta_step=5.0)[: case.kernel_orientations]
+    correlate_chunk(image, template, euler[:2], 0)
+    _STATE.update(image=image, template=template, euler=euler, device=device)
+
+
+def _time_kernel(_: int) -> tuple[float, float, int]:
+    from dtm.search.kernel import correlate_chunk
+
+    image, euler = _STATE["image"], _STATE["euler"]
+    wall, cpu = time.perf_counter(), time.process_time()
+    stats = correlate_chunk(image, _STATE["template"], euler, 0)
+    if _STATE["device"] == "gpu":
+        stats.to_numpy()  # waits for the device
+    return time.perf_counter() - wall, time.process_time() - cpu, stats.count
+
+
+def _init_floor(fft_shape: tuple[int, int]) -> None:
+    _STATE["x"] = np.random.default_rng(0).normal(size=fft_shape).astype(np.float32)
+
+
+def _time_floor(n: int) -> tuple[float, float, int]:
+    x = _STATE["x"]
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        scipy.fft.irfft2(scipy.fft.rfft2(x, workers=1), s=x.shape, workers=1)
+    return time.perf_counter() - wall, time.process_time() - cpu, n
+
+
+def _parallel(n_proc: int, init: Any, args: tuple, func: Any, arg: int, repeats: int) -> dict:
+    """Run ``func`` in ``n_proc`` processes at once, ``repeats`` times; medians per item."""
+    ctx = multiprocessing.get_context("spawn")  # fresh processes: default malloc settings
+    walls, cpus, rates = [], [], []
+    with ctx.Pool(n_proc, initializer=init, initargs=args) as pool:
+        pool.map(func, [max(1, arg // 8)] * n_proc)  # warm-up
+        for _ in range(repeats):
+            results = pool.map(func, [arg] * n_proc)
+            walls += [w / n for w, _, n in results]
+            cpus += [c / n for _, c, n in results]
+            rates.append(sum(n / w for w, _, n in results))
+    return {"wall_per_item_s": statistics.median(walls), "cpu_per_item_s": statistics.median(cpus),
+            "items_per_s": statistics.median(rates)}  # fmt: skip
+
+
+# --- the whole dtm match ---------------------------------------------------------------------
+
+
+def write_match_inputs(case: Case, directory: Path, **overrides: Any) -> Path:
+    """Simulated micrograph and template of ``case`` and a match config; its path."""
+    from dtm.demo import demo_config
+    from dtm.simulate import demo_dataset
+
+    data = demo_dataset(directory / "data", micrograph_shape=(case.image_size,) * 2,
+                        box_size=case.box_size, n_particles=2, n_atoms=2000)  # fmt: skip
+    config = demo_config(data, directory / "out")
+    config["orientation_search_config"].update(psi_step=case.psi_step, theta_step=case.theta_step)
+    if case.n_defocus == 1:
+        config["defocus_search_config"] = {"enabled": False}
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def time_match(config_path: Path, device: str = "cpu") -> dict[str, float]:
+    """Wall time and correlations/s of one whole ``match_template`` call (fresh cluster)."""
+    from dtm.config import load_match_config
+    from dtm.match import match_template
+
+    config = load_match_config(config_path)
+    log = io.StringIO()
+    start = time.perf_counter()
+    dataset = match_template(config, overwrite=True, device=device, out=log)
+    wall = time.perf_counter() - start
+    n = int(dataset.attrs["total_correlations"])
+    return {"wall_s": wall, "correlations": n, "per_s": n / wall}
+
+
+def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, Any]:
+    from dtm.search.prepare import fft_shape_for
+
+    n_proc = 1 if device == "gpu" else len(os.sched_getaffinity(0))
+    fft_shape = fft_shape_for((case.image_size,) * 2, (case.box_size,) * 2, "valid")
+    row: dict[str, Any] = {"case": case.name, "image": case.image_size, "box": case.box_size,
+                           "fft_shape": list(fft_shape), "processes": n_proc}  # fmt: skip
+    n_floor = max(4, int(2e8 // (fft_shape[0] * fft_shape[1] * 10)))
+    floor = _parallel(n_proc, _init_floor, (fft_shape,), _time_floor, n_floor, repeats)
+    kernel = _parallel(n_proc, _init_kernel, (case, device), _time_kernel, 0, repeats)
+    row.update(floor_per_s=floor["items_per_s"], kernel_per_s=kernel["items_per_s"],
+               floor_ms=floor["wall_per_item_s"] * 1e3, kernel_ms=kernel["wall_per_item_s"] * 1e3,
+               ratio_wall=kernel["wall_per_item_s"] / floor["wall_per_item_s"],
+               ratio_cpu=kernel["cpu_per_item_s"] / floor["cpu_per_item_s"])  # fmt: skip
+    if match:
+        with tempfile.TemporaryDirectory(prefix=f"dtm-bench-{case.name}-") as tmp:
+            config_path = write_match_inputs(case, Path(tmp))
+            runs = [time_match(config_path, device) for _ in range(repeats)]
+        row.update(match_correlations=runs[0]["correlations"],
+                   match_wall_s=statistics.median(r["wall_s"] for r in runs),
+                   match_per_s=statistics.median(r["per_s"] for r in runs))  # fmt: skip
+        row["match_over_kernel"] = row["match_per_s"] / row["kernel_per_s"]
+    return row
+
+
+def print_table(header: dict[str, Any], rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
+    print(f"machine: {header['machine']}, {header['cores']} cores, load {header['load_average']}",
+          file=out)  # fmt: skip
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()), file=out)
+    print("| case | FFT size | floor corr/s | kernel corr/s | kernel/floor (wall, cpu) "
+          "| dtm match corr/s (wall) | match/kernel | Leopard-EM |", file=out)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|", file=out)
+    for r in rows:
+        match = (f"{r['match_per_s']:,.0f} ({r['match_correlations']:,} in "
+                 f"{r['match_wall_s']:.1f} s) | {r['match_over_kernel']:.0%}"
+                 if "match_per_s" in r else "– | –")  # fmt: skip
+        print(f"| {r['case']}: {r['image']}²/{r['box']}³ | {r['fft_shape'][0]}×{r['fft_shape'][1]} "
+              f"| {r['floor_per_s']:,.0f} | {r['kernel_per_s']:,.0f} "
+              f"| {r['ratio_wall']:.2f}, {r['ratio_cpu']:.2f} | {match} "
+              f"| {LEOPARD[r['case']]} |", file=out)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="S,M", help="comma-separated: S, M, L")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--no-match", action="store_true", help="skip the whole dtm match")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    header = machine_header()
+    rows = []
+    for name in args.cases.split(","):
+        case = CASES[name.strip().upper()]
+        if case.gpu_only and args.device != "gpu":
+            print(f"case {case.name}: GPU only (use --device gpu)", file=sys.stderr)
+            continue
+        rows.append(run_case(case, args.repeats, args.device, not args.no_match))
+        print(f"case {case.name} done", file=sys.stderr)
+    header["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print_table(header, rows)
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows,
+                                         "cases": {r["case"]: asdict(CASES[r["case"]]) for r in rows}},
+                                        indent=2))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""``dtm browse``: window reads, the bokeh document, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import matplotlib.image
+import numpy as np
+import pytest
+from bokeh.document import Document
+from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.server.server import Server
+from headless_chromium import Page, chromium_path, run_page
+from synthetic_results import write_results
+from tornado.ioloop import IOLoop
+
+from dtm.browse import BrowseState, _document, choose_factor, make_server, read_window
+from dtm.io.pyramid import max_pool
+from dtm.io.results import open_micrographs, read_peaks
+from dtm.io.tables import read_table
+
+#: Map 600 × 520 on a 200-pixel plot: the whole map needs the 2× level, a zoom full resolution.
+SHAPE = (600, 520)
+PLOT = 200
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_results(tmp_path_factory.mktemp("browse") / "run", names=("m1", "m2"), shape=SHAPE)
+
+
+@contextlib.contextmanager
+def running_server(results: str | Path) -> Iterator[Server]:
+    """The browser's server on a free port, its IO loop in a background thread."""
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(asyncio.new_event_loop())
+        holder["server"] = make_server(results, port=0, plot_pixels=PLOT)
+        holder["server"].start()
+        started.set()
+        holder["server"].io_loop.start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        yield holder["server"]
+    finally:
+        loop: IOLoop = holder["server"].io_loop
+        loop.add_callback(holder["server"].stop)
+        loop.add_callback(loop.stop)
+        thread.join(10)
+
+
+def test_choose_factor_keeps_a_map_pixel_per_screen_pixel() -> None:
+    assert choose_factor(800, [1, 2, 4], plot_pixels=800) == 1
+    assert choose_factor(1700, [1, 2, 4], plot_pixels=800) == 2
+    assert choose_factor(100_000, [1, 2, 4], plot_pixels=800) == 4
+    assert choose_factor(3000, [1], plot_pixels=800) == 1
+
+
+def test_read_window_reads_the_view_at_the_resolution_it_needs(results: Path) -> None:
+    micrograph = open_micrographs(results)[0]
+    full = micrograph.dataset["scaled_mip"].values
+    # A small view: full resolution, the view plus a 25 % margin, values untouched.
+    data, factor, y0, x0 = read_window(micrograph, "scaled_mip", (100, 140), (200, 240), PLOT)
+    assert (factor, y0, x0) == (1, 90, 190)
+    np.testing.assert_array_equal(data, full[90:150, 190:250])
+    # The whole map: the 2× level, block maxima of the full map.
+    data, factor, y0, x0 = read_window(micrograph, "scaled_mip", (600, 0), (0, 520), PLOT)
+    assert (factor, y0, x0) == (2, 0, 0)
+    np.testing.assert_array_equal(data, max_pool(full, 2))
+    # A map without pyramid: strided full-resolution pixels.
+    psi = micrograph.dataset["psi"].values
+    data, factor, _, _ = read_window(micrograph, "psi", (0, 600), (0, 520), PLOT)
+    assert factor == 3
+    np.testing.assert_array_equal(data, psi[::3, ::3])
+
+
+def test_document_circles_the_peaks_with_their_table_on_hover(results: Path) -> None:
+    micrographs = {m.name: m for m in open_micrographs(results)}
+    table, source = read_peaks(results)
+    state = BrowseState(str(results), micrographs, table, source, plot_pixels=PLOT)
+    doc = Document()
+    _document(state, doc)
+    [hover] = [tool for tool in doc.select({"type": HoverTool}) if isinstance(tool, HoverTool)]
+    tooltips: Any = hover.tooltips
+    assert ("scaled_mip", "@scaled_mip") in tooltips
+    assert ("relative_defocus", "@relative_defocus") in tooltips
+    sources = [s for s in doc.select({"type": ColumnDataSource}) if isinstance(s, ColumnDataSource)]
+    [peak_source] = [s for s in sources if len(s.data.get("pos_x", []))]
+    expected = read_table(results / "peaks.csv").query("micrograph_name == 'm1'")
+    np.testing.assert_array_equal(peak_source.data["pos_x"], expected["pos_x"])
+    np.testing.assert_array_equal(peak_source.data["scaled_mip"], expected["scaled_mip"])
+    renderers: Any = hover.renderers
+    assert [r.data_source for r in renderers] == [peak_source]
+    assert state.last_view["factor"] == 2 and state.reads == 1
+
+
+def _status(server: Server) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://localhost:{server.port}/status") as response:
+        return dict(json.load(response))
+
+
+#: Screen position of map pixel (y, x) in the page: bokeh's own scales of the plot's frame.
+_SCREEN = """(() => {{ for (const v of Bokeh.index.all_views()) {{
+  if (v.model.type === "Figure") {{ const c = v.el.getBoundingClientRect();
+    return [c.left + v.frame.x_scale.compute({x}), c.top + v.frame.y_scale.compute({y})]; }} }}
+  return null; }})()"""
+#: Text of the page including bokeh's shadow DOM (where tooltips are drawn).
+_ALL_TEXT = """(() => { const out = []; const walk = (root) => { out.push(root.textContent || "");
+  for (const el of root.querySelectorAll("*")) { if (el.shadowRoot) walk(el.shadowRoot); } };
+  walk(document); return out.join(" "); })()"""
+_READY = (
+    "window.Bokeh !== undefined && Bokeh.documents.length > 0"
+    " && Bokeh.documents[0].roots().length > 0"
+)
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="chromium not installed (CI installs it)")
+def test_page_in_headless_chromium_shows_map_peaks_hover_and_zoom(
+    results: Path, tmp_path: Path
+) -> None:
+    peaks = read_table(results / "peaks.csv").query("micrograph_name == 'm1'")
+    first = peaks.iloc[0]
+
+    async def script(page: Page) -> dict[str, Any]:
+        await page.wait_for(_READY, 30)
+        await page.wait_for(f"({_SCREEN.format(x=0, y=0)}) !== null", 10)
+        await asyncio.sleep(1.0)  # let the canvas paint
+        shots = {"loaded": await page.screenshot(tmp_path / "loaded.png")}
+        x, y = await page.evaluate(_SCREEN.format(x=first["pos_x"], y=first["pos_y"]))
+        await page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        await asyncio.sleep(0.5)
+        text = await page.evaluate(_ALL_TEXT)
+        loaded = _status(server)
+        await page.call("Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0,
+                        deltaY=-800)  # fmt: skip
+        await asyncio.sleep(1.5)
+        return {"shots": shots, "text": text, "loaded": loaded, "zoomed": _status(server)}
+
+    with running_server(results) as server:
+        outcome = run_page(f"http://localhost:{server.port}/", script)
+
+    loaded = outcome["loaded"]
+    assert loaded["sessions"] == 1 and loaded["reads"] == 1
+    assert loaded["peaks"] == {"m1": 3, "m2": 3} == {"m1": len(peaks), "m2": 3}
+    view = loaded["last_view"]
+    assert (view["micrograph"], view["map"], view["factor"]) == ("m1", "scaled_mip", 2)
+    assert view["shape"] == [300, 260] and view["finite_pixels"] == 300 * 260
+    assert view["peaks_shown"] == 3
+
+    image = matplotlib.image.imread(outcome["shots"]["loaded"])[..., :3]
+    grey = (np.ptp(image, axis=2) < 0.02) & (image[..., 0] < 0.9)  # the map's grey pixels
+    assert grey.sum() > 0.5 * 160 * 173 and image[grey].std() > 0.05
+    red = (image[..., 0] > 0.85) & (image[..., 1] < 0.45) & (image[..., 2] < 0.45)
+    assert red.sum() > 3 * 20  # three circles
+
+    # Hovering the first particle shows its row of the peak table.
+    assert f"pos_x: {first['pos_x']} pos_y: {first['pos_y']}" in outcome["text"]
+    assert f"particle_index: {first['particle_index']}" in outcome["text"]
+
+    # Zooming in reads a full-resolution window around the cursor.
+    zoomed = outcome["zoomed"]["last_view"]
+    assert outcome["zoomed"]["reads"] >= 2
+    assert zoomed["factor"] == 1
+    assert zoomed["shape"][0] < SHAPE[0] and zoomed["shape"][1] < SHAPE[1]
+    y0, x0 = zoomed["origin"]
+    assert y0 <= first["pos_y"] < y0 + zoomed["shape"][0]
+    assert x0 <= first["pos_x"] < x0 + zoomed["shape"][1]
+
+
+def test_server_reads_a_remote_store(results: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    root = f"/dtm-browse-{uuid.uuid4().hex}"
+    fs.put(str(results), root, recursive=True)
+    try:
+        with running_server(f"memory://{root}") as server:
+            # Requesting the page opens a session: the server reads the first view.
+            with urllib.request.urlopen(f"http://localhost:{server.port}/") as response:
+                assert b"bokeh" in response.read().lower()
+            status = _status(server)
+    finally:
+        fs.rm(root, recursive=True)
+    assert status["results"] == f"memory://{root}"
+    assert status["peaks"] == {"m1": 3, "m2": 3} and status["peaks_source"] == "peaks.csv"
+    assert status["reads"] == 1
+    assert status["last_view"]["finite_pixels"] == 300 * 260
