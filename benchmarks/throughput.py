@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -169,6 +170,7 @@ def write_match_inputs(case: Case, directory: Path, **overrides: Any) -> Path:
     from dtm.demo import demo_config
     from dtm.simulate import demo_dataset
 
+    (directory / "data").mkdir(parents=True, exist_ok=True)
     data = demo_dataset(directory / "data", micrograph_shape=(case.image_size,) * 2,
                         box_size=case.box_size, n_particles=2, n_atoms=2000)  # fmt: skip
     config = demo_config(data, directory / "out")
@@ -182,18 +184,64 @@ def write_match_inputs(case: Case, directory: Path, **overrides: Any) -> Path:
     return path
 
 
-def time_match(config_path: Path, device: str = "cpu") -> dict[str, float]:
-    """Wall time and correlations/s of one whole ``match_template`` call (fresh cluster)."""
+def time_match(config_path: Path, client: Any = None, device: str = "cpu") -> dict[str, float]:
+    """Wall time and correlations/s of one ``match_template`` call.
+
+    Without ``client`` the call starts and closes its own embedded cluster (the whole
+    command); with one, cluster start-up is left out.
+    """
     from dtm.config import load_match_config
     from dtm.match import match_template
 
     config = load_match_config(config_path)
-    log = io.StringIO()
     start = time.perf_counter()
-    dataset = match_template(config, overwrite=True, device=device, out=log)
+    dataset = match_template(config, client, overwrite=True, device=device, out=io.StringIO())
     wall = time.perf_counter() - start
     n = int(dataset.attrs["total_correlations"])
     return {"wall_s": wall, "correlations": n, "per_s": n / wall}
+
+
+def time_imports() -> float:
+    """Seconds to import the package and the match program in a fresh interpreter."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import dtm.match, dtm.cli"], check=True)
+    return time.perf_counter() - start
+
+
+def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
+    """Whole-command rate, steady-state rate and start-up of ``dtm match`` on ``case``.
+
+    Steady state: ``ΔN / Δt`` between the full search and a 24-orientation search on the
+    same running cluster, which cancels every fixed cost (planning, preparing the inputs on
+    the workers, writing the maps and the peaks). Start-up: imports + cluster start + the
+    24-orientation call.
+    """
+    from dtm.cluster import connect
+    from dtm.config import ClusterConfig
+
+    with tempfile.TemporaryDirectory(prefix=f"dtm-bench-{case.name}-") as tmp:
+        full = write_match_inputs(case, Path(tmp) / "full")
+        tiny = write_match_inputs(case, Path(tmp) / "tiny",
+                                  orientation_search_config={"psi_step": 90.0, "theta_step": 90.0})  # fmt: skip
+        whole = [time_match(full, device=device) for _ in range(repeats)]
+        steady, fixed, cluster = [], [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            with connect(ClusterConfig(device=device), quiet=True) as client:
+                client.wait_for_workers(1)
+                cluster.append(time.perf_counter() - start)
+                small, big = time_match(tiny, client, device), time_match(full, client, device)
+            fixed.append(small["wall_s"])
+            steady.append((big["correlations"] - small["correlations"])
+                          / (big["wall_s"] - small["wall_s"]))  # fmt: skip
+    imports = statistics.median(time_imports() for _ in range(3))
+    return {"match_correlations": int(whole[0]["correlations"]),
+            "match_wall_s": statistics.median(r["wall_s"] for r in whole),
+            "match_per_s": statistics.median(r["per_s"] for r in whole),
+            "match_steady_per_s": statistics.median(steady),
+            "startup_s": imports + statistics.median(cluster) + statistics.median(fixed),
+            "startup_parts_s": {"imports": imports, "cluster": statistics.median(cluster),
+                                "fixed_per_call": statistics.median(fixed)}}  # fmt: skip
 
 
 def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, Any]:
@@ -211,27 +259,24 @@ def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, An
                ratio_wall=kernel["wall_per_item_s"] / floor["wall_per_item_s"],
                ratio_cpu=kernel["cpu_per_item_s"] / floor["cpu_per_item_s"])  # fmt: skip
     if match:
-        with tempfile.TemporaryDirectory(prefix=f"dtm-bench-{case.name}-") as tmp:
-            config_path = write_match_inputs(case, Path(tmp))
-            runs = [time_match(config_path, device) for _ in range(repeats)]
-        row.update(match_correlations=runs[0]["correlations"],
-                   match_wall_s=statistics.median(r["wall_s"] for r in runs),
-                   match_per_s=statistics.median(r["per_s"] for r in runs))  # fmt: skip
+        row.update(measure_match(case, repeats, device))
         row["match_over_kernel"] = row["match_per_s"] / row["kernel_per_s"]
+        row["steady_over_kernel"] = row["match_steady_per_s"] / row["kernel_per_s"]
     return row
 
 
 def print_table(header: dict[str, Any], rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
-    print(f"machine: {header['machine']}, {header['cores']} cores, load {header['load_average']}",
-          file=out)  # fmt: skip
+    print(f"machine: {header['machine']}, {header['cores']} cores, load average before "
+          f"{header['load_average']}, after {header.get('load_average_after')}", file=out)  # fmt: skip
     print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()), file=out)
-    print("| case | FFT size | floor corr/s | kernel corr/s | kernel/floor (wall, cpu) "
-          "| dtm match corr/s (wall) | match/kernel | Leopard-EM |", file=out)  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|", file=out)
+    print("\n| case | FFT size | floor corr/s | kernel corr/s | kernel/floor (wall, cpu) "
+          "| dtm match corr/s: whole call (steady) | steady/kernel | start-up s | Leopard-EM |",
+          file=out)  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:
-        match = (f"{r['match_per_s']:,.0f} ({r['match_correlations']:,} in "
-                 f"{r['match_wall_s']:.1f} s) | {r['match_over_kernel']:.0%}"
-                 if "match_per_s" in r else "– | –")  # fmt: skip
+        match = (f"{r['match_per_s']:,.0f} ({r['match_steady_per_s']:,.0f}) "
+                 f"| {r['steady_over_kernel']:.0%} | {r['startup_s']:.1f}"
+                 if "match_per_s" in r else "– | – | –")  # fmt: skip
         print(f"| {r['case']}: {r['image']}²/{r['box']}³ | {r['fft_shape'][0]}×{r['fft_shape'][1]} "
               f"| {r['floor_per_s']:,.0f} | {r['kernel_per_s']:,.0f} "
               f"| {r['ratio_wall']:.2f}, {r['ratio_cpu']:.2f} | {match} "

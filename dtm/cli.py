@@ -1,4 +1,4 @@
-"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``.
+"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``, ``report``, ``browse``.
 
 User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2;
 nothing else is caught, so a bug keeps its traceback.
@@ -61,6 +61,25 @@ def _peaks(args: argparse.Namespace) -> None:
         border=args.border,
     )
     print(f"{len(table)} peaks written to {args.results_dir}/peaks.csv")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from dtm.report import write_report
+
+    path = write_report(args.results_dir, out=args.out)
+    print(f"report written to {path}")
+
+
+def _browse(args: argparse.Namespace) -> None:
+    from dtm.browse import browse
+
+    browse(
+        args.results_dir,
+        port=args.port,
+        address=args.address,
+        show=args.show,
+        allow_websocket_origin=args.allow_websocket_origin,
+    )
 
 
 def _refine(args: argparse.Namespace) -> None:
@@ -126,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="exclude peaks this close to the map edge",
     )
     peaks.set_defaults(func=_peaks)
+
+    report = sub.add_parser("report", help="write an HTML report of a dtm match run")
+    report.add_argument("results_dir", help="output directory of dtm match (path or fsspec URL)")
+    report.add_argument(
+        "--out", metavar="HTML", help="report file (default RESULTS_DIR/report.html)"
+    )
+    report.set_defaults(func=_report)
+
+    browse = sub.add_parser("browse", help="pan and zoom the maps and peaks in a web browser")
+    browse.add_argument("results_dir", help="output directory of dtm match (path or fsspec URL)")
+    browse.add_argument("--port", type=int, default=5006, help="HTTP port (0 picks a free one)")
+    browse.add_argument(
+        "--address", default="localhost", help="interface to listen on (default: localhost)"
+    )
+    browse.add_argument(
+        "--allow-websocket-origin",
+        action="append",
+        metavar="HOST[:PORT]",
+        help="host of a page allowed to connect (e.g. through an SSH tunnel); repeatable",
+    )
+    browse.add_argument("--show", action="store_true", help="open the page in a web browser")
+    browse.set_defaults(func=_browse)
 
     refine = sub.add_parser("refine", help="refine particles from a results table")
     refine.add_argument("config", help="YAML configuration (dtm or Leopard-EM refine_template)")

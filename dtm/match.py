@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 
 import dtm
+from dtm import dashboard
 from dtm.cluster import connect, dashboard_link, ensure_workers
 from dtm.config import MatchConfig, MicrographEntry, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError, OutputError
@@ -295,7 +296,10 @@ def match_template(
                 )
             )
         ensure_workers(client, 1)
-        print(f"dashboard: {dashboard_link(client)}", file=out)
+        dashboard.install(client)
+        link = dashboard_link(client)
+        rate_page = f"  (correlations/s per worker: {link.removesuffix('/status')}/dtm)"
+        print(f"dashboard: {link}" + (rate_page if link else ""), file=out)
         # Only now, with valid inputs and a cluster, may the earlier results go.
         if overwrite:
             clear_outputs(output_dir)

@@ -157,3 +157,22 @@ def test_cli_runs_and_prints_the_summary(dataset, tmp_path):
     assert "dashboard: http" in result.stdout
     assert "correlations/s" in result.stdout and "finished in" in result.stdout
     assert open_results(tmp_path / "out")["micrograph"].mip.shape == (257, 257)
+
+
+def test_peaks_and_report_commands_on_a_finished_run(valid_run, dataset, tmp_path, capsys):
+    from dtm.cli import main
+
+    out, _ = valid_run
+    strict = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(out, strict)
+    assert main(["peaks", str(strict), "--z-cutoff", "1000"]) == 0
+    assert len(pd.read_csv(strict / "peaks.csv")) == 0
+    assert main(["peaks", str(strict)]) == 0
+    _assert_particles_found(pd.read_csv(strict / "peaks.csv"), dataset["particles"])
+    assert main(["report", str(strict)]) == 0
+    html = (strict / "report.html").read_text()
+    assert "data:image/png;base64" in html and "micrograph" in html
+    assert main(["peaks", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err

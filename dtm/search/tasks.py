@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from dtm.dashboard import count_correlations
 from dtm.io.mrc import read_micrograph, read_template
 from dtm.io.store import build_dataset, export_maps, write_atomic, write_dataset
 from dtm.physics.projection import PreparedTemplate, prepare_template
@@ -86,8 +87,9 @@ def correlate(
     """Partial statistics of orientations ``[start, stop)`` × every defocus plane."""
     image = _to_device("image", image, device)
     template = _to_device("template", template, device)
-    stats = correlate_chunk(image, template, space.euler[start:stop], start)
-    return stats.to_numpy()
+    stats = correlate_chunk(image, template, space.euler[start:stop], start).to_numpy()
+    count_correlations((stop - start) * space.n_defocus)
+    return stats
 
 
 def merge(*parts: PartialStats, checkpoint: str | None = None) -> PartialStats:
