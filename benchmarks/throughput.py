@@ -77,9 +77,14 @@ def machine_header() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {"python": platform.python_version(), "numpy": np.__version__,
-                "scipy": scipy.__version__, "dask": dask.__version__,
-                "distributed": distributed.__version__, "dtm": dtm.__version__}  # fmt: skip
+    versions = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+        "dtm": dtm.__version__,
+    }
     try:
         import numba
 
@@ -116,8 +121,12 @@ def _init_kernel(case: Case, device: str) -> None:
         micrograph, volume = cupy.asarray(micrograph), cupy.asarray(volume)
     optics = Optics(1.5, 300.0, 2.7, 0.07, 10000.0, 9500.0, 30.0)
     defocus = np.linspace(-1000.0, 1000.0, case.n_defocus) if case.n_defocus > 1 else [0.0]
-    image = prepare_image(micrograph, box_shape=(case.box_size,) * 2, optics=optics,
-                          relative_defocus=np.asarray(defocus))  # fmt: skip
+    image = prepare_image(
+        micrograph,
+        box_shape=(case.box_size,) * 2,
+        optics=optics,
+        relative_defocus=np.asarray(defocus),
+    )
     template = prepare_template(volume)
     euler = uniform_grid(psi_step=5.0, theta_step=5.0)[: case.kernel_orientations]
     correlate_chunk(image, template, euler[:2], 0)
@@ -158,8 +167,11 @@ def _parallel(n_proc: int, init: Any, args: tuple, func: Any, arg: int, repeats:
             walls += [w / n for w, _, n in results]
             cpus += [c / n for _, c, n in results]
             rates.append(sum(n / w for w, _, n in results))
-    return {"wall_per_item_s": statistics.median(walls), "cpu_per_item_s": statistics.median(cpus),
-            "items_per_s": statistics.median(rates)}  # fmt: skip
+    return {
+        "wall_per_item_s": statistics.median(walls),
+        "cpu_per_item_s": statistics.median(cpus),
+        "items_per_s": statistics.median(rates),
+    }
 
 
 # --- the whole dtm match ---------------------------------------------------------------------
@@ -171,8 +183,13 @@ def write_match_inputs(case: Case, directory: Path, **overrides: Any) -> Path:
     from dtm.simulate import demo_dataset
 
     (directory / "data").mkdir(parents=True, exist_ok=True)
-    data = demo_dataset(directory / "data", micrograph_shape=(case.image_size,) * 2,
-                        box_size=case.box_size, n_particles=2, n_atoms=2000)  # fmt: skip
+    data = demo_dataset(
+        directory / "data",
+        micrograph_shape=(case.image_size,) * 2,
+        box_size=case.box_size,
+        n_particles=2,
+        n_atoms=2000,
+    )
     config = demo_config(data, directory / "out")
     config["orientation_search_config"].update(psi_step=case.psi_step, theta_step=case.theta_step)
     if case.n_defocus == 1:
@@ -221,8 +238,11 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix=f"dtm-bench-{case.name}-") as tmp:
         full = write_match_inputs(case, Path(tmp) / "full")
-        tiny = write_match_inputs(case, Path(tmp) / "tiny",
-                                  orientation_search_config={"psi_step": 90.0, "theta_step": 90.0})  # fmt: skip
+        tiny = write_match_inputs(
+            case,
+            Path(tmp) / "tiny",
+            orientation_search_config={"psi_step": 90.0, "theta_step": 90.0},
+        )
         whole = [time_match(full, device=device) for _ in range(repeats)]
         steady, fixed, cluster = [], [], []
         for _ in range(repeats):
@@ -232,16 +252,22 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
                 cluster.append(time.perf_counter() - start)
                 small, big = time_match(tiny, client, device), time_match(full, client, device)
             fixed.append(small["wall_s"])
-            steady.append((big["correlations"] - small["correlations"])
-                          / (big["wall_s"] - small["wall_s"]))  # fmt: skip
+            steady.append(
+                (big["correlations"] - small["correlations"]) / (big["wall_s"] - small["wall_s"])
+            )
     imports = statistics.median(time_imports() for _ in range(3))
-    return {"match_correlations": int(whole[0]["correlations"]),
-            "match_wall_s": statistics.median(r["wall_s"] for r in whole),
-            "match_per_s": statistics.median(r["per_s"] for r in whole),
-            "match_steady_per_s": statistics.median(steady),
-            "startup_s": imports + statistics.median(cluster) + statistics.median(fixed),
-            "startup_parts_s": {"imports": imports, "cluster": statistics.median(cluster),
-                                "fixed_per_call": statistics.median(fixed)}}  # fmt: skip
+    return {
+        "match_correlations": int(whole[0]["correlations"]),
+        "match_wall_s": statistics.median(r["wall_s"] for r in whole),
+        "match_per_s": statistics.median(r["per_s"] for r in whole),
+        "match_steady_per_s": statistics.median(steady),
+        "startup_s": imports + statistics.median(cluster) + statistics.median(fixed),
+        "startup_parts_s": {
+            "imports": imports,
+            "cluster": statistics.median(cluster),
+            "fixed_per_call": statistics.median(fixed),
+        },
+    }
 
 
 def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, Any]:
@@ -249,15 +275,24 @@ def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, An
 
     n_proc = 1 if device == "gpu" else len(os.sched_getaffinity(0))
     fft_shape = fft_shape_for((case.image_size,) * 2, (case.box_size,) * 2, "valid")
-    row: dict[str, Any] = {"case": case.name, "image": case.image_size, "box": case.box_size,
-                           "fft_shape": list(fft_shape), "processes": n_proc}  # fmt: skip
+    row: dict[str, Any] = {
+        "case": case.name,
+        "image": case.image_size,
+        "box": case.box_size,
+        "fft_shape": list(fft_shape),
+        "processes": n_proc,
+    }
     n_floor = max(4, int(2e8 // (fft_shape[0] * fft_shape[1] * 10)))
     floor = _parallel(n_proc, _init_floor, (fft_shape,), _time_floor, n_floor, repeats)
     kernel = _parallel(n_proc, _init_kernel, (case, device), _time_kernel, 0, repeats)
-    row.update(floor_per_s=floor["items_per_s"], kernel_per_s=kernel["items_per_s"],
-               floor_ms=floor["wall_per_item_s"] * 1e3, kernel_ms=kernel["wall_per_item_s"] * 1e3,
-               ratio_wall=kernel["wall_per_item_s"] / floor["wall_per_item_s"],
-               ratio_cpu=kernel["cpu_per_item_s"] / floor["cpu_per_item_s"])  # fmt: skip
+    row.update(
+        floor_per_s=floor["items_per_s"],
+        kernel_per_s=kernel["items_per_s"],
+        floor_ms=floor["wall_per_item_s"] * 1e3,
+        kernel_ms=kernel["wall_per_item_s"] * 1e3,
+        ratio_wall=kernel["wall_per_item_s"] / floor["wall_per_item_s"],
+        ratio_cpu=kernel["cpu_per_item_s"] / floor["cpu_per_item_s"],
+    )
     if match:
         row.update(measure_match(case, repeats, device))
         row["match_over_kernel"] = row["match_per_s"] / row["kernel_per_s"]
@@ -266,21 +301,32 @@ def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, An
 
 
 def print_table(header: dict[str, Any], rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
-    print(f"machine: {header['machine']}, {header['cores']} cores, load average before "
-          f"{header['load_average']}, after {header.get('load_average_after')}", file=out)  # fmt: skip
+    print(
+        f"machine: {header['machine']}, {header['cores']} cores, load average before "
+        f"{header['load_average']}, after {header.get('load_average_after')}",
+        file=out,
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()), file=out)
-    print("\n| case | FFT size | floor corr/s | kernel corr/s | kernel/floor (wall, cpu) "
-          "| dtm match corr/s: whole call (steady) | steady/kernel | start-up s | Leopard-EM |",
-          file=out)  # fmt: skip
+    print(
+        "\n| case | FFT size | floor corr/s | kernel corr/s | kernel/floor (wall, cpu) "
+        "| dtm match corr/s: whole call (steady) | steady/kernel | start-up s | Leopard-EM |",
+        file=out,
+    )
     print("|---|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:
-        match = (f"{r['match_per_s']:,.0f} ({r['match_steady_per_s']:,.0f}) "
-                 f"| {r['steady_over_kernel']:.0%} | {r['startup_s']:.1f}"
-                 if "match_per_s" in r else "– | – | –")  # fmt: skip
-        print(f"| {r['case']}: {r['image']}²/{r['box']}³ | {r['fft_shape'][0]}×{r['fft_shape'][1]} "
-              f"| {r['floor_per_s']:,.0f} | {r['kernel_per_s']:,.0f} "
-              f"| {r['ratio_wall']:.2f}, {r['ratio_cpu']:.2f} | {match} "
-              f"| {LEOPARD[r['case']]} |", file=out)  # fmt: skip
+        match = (
+            f"{r['match_per_s']:,.0f} ({r['match_steady_per_s']:,.0f}) "
+            f"| {r['steady_over_kernel']:.0%} | {r['startup_s']:.1f}"
+            if "match_per_s" in r
+            else "– | – | –"
+        )
+        print(
+            f"| {r['case']}: {r['image']}²/{r['box']}³ | {r['fft_shape'][0]}×{r['fft_shape'][1]} "
+            f"| {r['floor_per_s']:,.0f} | {r['kernel_per_s']:,.0f} "
+            f"| {r['ratio_wall']:.2f}, {r['ratio_cpu']:.2f} | {match} "
+            f"| {LEOPARD[r['case']]} |",
+            file=out,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,9 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     header["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print_table(header, rows)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows,
-                                         "cases": {r["case"]: asdict(CASES[r["case"]]) for r in rows}},
-                                        indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "header": header,
+                    "rows": rows,
+                    "cases": {r["case"]: asdict(CASES[r["case"]]) for r in rows},
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -389,3 +389,39 @@ def _scale_jobs(started: Any, cluster: ClusterConfig | None, n_jobs: int | None)
         started.adapt(minimum_jobs=int(_get(cluster, "adapt_minimum", 0)), maximum_jobs=maximum)
     else:
         started.scale(jobs=n_jobs or int(_get(cluster, "n_jobs", 1)))
+
+
+@contextlib.contextmanager
+def session(
+    client: distributed.Client | None,
+    cluster: ClusterConfig | None,
+    *,
+    out: Any,
+    scheduler_address: str | None = None,
+    n_workers: int | None = None,
+    device: str | None = None,
+) -> Iterator[distributed.Client]:
+    """The client a program runs on: ``client`` if given, else one from :func:`connect`.
+
+    Waits for a worker, installs dtm's dashboard page and prints the dashboard link to
+    ``out``; a cluster started here is closed on exit.
+    """
+    from dtm import dashboard  # noqa: PLC0415 (imports bokeh; only once a cluster is used)
+
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(
+                connect(
+                    cluster,
+                    scheduler_address=scheduler_address,
+                    n_workers=n_workers,
+                    device=device,
+                    quiet=True,
+                )
+            )
+        ensure_workers(client, 1)
+        dashboard.install(client)
+        link = dashboard_link(client)
+        rate_page = f"  (correlations/s per worker: {link.removesuffix('/status')}/dtm)"
+        print(f"dashboard: {link}" + (rate_page if link else ""), file=out)
+        yield client

@@ -8,7 +8,6 @@ one table over all micrographs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import sys
@@ -23,8 +22,7 @@ import numpy as np
 import xarray as xr
 
 import dtm
-from dtm import dashboard
-from dtm.cluster import connect, dashboard_link, ensure_workers
+from dtm.cluster import session
 from dtm.config import MatchConfig, MicrographEntry, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph, read_template
@@ -284,22 +282,14 @@ def match_template(
         file=out,
     )
     run_device = _resolve_device(config, device, out)
-    with contextlib.ExitStack() as stack:
-        if client is None:
-            client = stack.enter_context(
-                connect(
-                    config.cluster,
-                    scheduler_address=scheduler_address,
-                    n_workers=n_workers,
-                    device=run_device,
-                    quiet=True,
-                )
-            )
-        ensure_workers(client, 1)
-        dashboard.install(client)
-        link = dashboard_link(client)
-        rate_page = f"  (correlations/s per worker: {link.removesuffix('/status')}/dtm)"
-        print(f"dashboard: {link}" + (rate_page if link else ""), file=out)
+    with session(
+        client,
+        config.cluster,
+        out=out,
+        scheduler_address=scheduler_address,
+        n_workers=n_workers,
+        device=run_device,
+    ) as client:
         # Only now, with valid inputs and a cluster, may the earlier results go.
         if overwrite:
             clear_outputs(output_dir)

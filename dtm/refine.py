@@ -15,7 +15,6 @@ its micrograph once, on a worker); ``map_partitions`` runs
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import distributed
 import numpy as np
 import pandas as pd
 
-from dtm.cluster import connect, dashboard_link, ensure_workers
+from dtm.cluster import session
 from dtm.config import RefineConfig, load_refine_config
 from dtm.errors import ConfigError, InputError
 from dtm.io.mrc import PIXEL_SIZE_TOLERANCE, read_template
@@ -209,18 +208,13 @@ def refine_template(
     if table.empty:
         result = refined_meta(table)
     else:
-        with contextlib.ExitStack() as stack:
-            if client is None:
-                client = stack.enter_context(
-                    connect(
-                        config.cluster,
-                        scheduler_address=scheduler_address,
-                        n_workers=n_workers,
-                        quiet=True,
-                    )  # fmt: skip
-                )
-            ensure_workers(client, 1)
-            print(f"dashboard: {dashboard_link(client)}", file=out)
+        with session(
+            client,
+            config.cluster,
+            out=out,
+            scheduler_address=scheduler_address,
+            n_workers=n_workers,
+        ) as client:
             graph = refine_dataframe(table, config.template_volume_path, settings)
             result = client.compute(graph).result().loc[table.index]
     output = Path(config.output_path)

@@ -180,7 +180,7 @@ def test_demo_dataset_files_and_planted_poses(tmp_path):
     micrograph = read_micrograph(demo["micrograph_path"])
     template = read_template(demo["template_path"])
     check_compatible(micrograph, template, pixel_size=demo["pixel_size"])
-    assert micrograph.data.shape == (384, 384) and template.data.shape == (32, 32, 32)
+    assert micrograph.data.shape == (480, 480) and template.data.shape == (64, 64, 64)
     assert micrograph.pixel_size == pytest.approx(demo["pixel_size"])
     search = demo["search"]
     grid = uniform_grid(psi_step=search["psi_step"], theta_step=search["theta_step"])
@@ -189,6 +189,6 @@ def test_demo_dataset_files_and_planted_poses(tmp_path):
     for particle, row in zip(particles, demo["particle_table"], strict=True):
         pose = np.array([particle.phi, particle.theta, particle.psi])
         assert (np.abs(grid - pose).max(axis=1) == 0).any()
-        assert particle.relative_defocus in (-400.0, 0.0, 400.0)
-        assert row["pos_y_img"] == particle.pos_y + 16 and row["pos_x_img"] == particle.pos_x + 16
-        assert 0 <= particle.pos_y <= 384 - 32 and 0 <= particle.pos_x <= 384 - 32
+        assert particle.relative_defocus in (-1200.0, 0.0, 1200.0)
+        assert row["pos_y_img"] == particle.pos_y + 32 and row["pos_x_img"] == particle.pos_x + 32
+        assert 0 <= particle.pos_y <= 480 - 64 and 0 <= particle.pos_x <= 480 - 64
