@@ -7,6 +7,7 @@ planted particles: position and orientation errors per particle.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,13 +22,21 @@ from dtm.physics.rotations import euler_to_matrix, geodesic_angle
 from dtm.simulate import demo_dataset
 
 
-def demo_config(data: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """The match configuration of the demo data set (plain YAML-ready dict)."""
+def demo_config(data: dict[str, Any], output_dir: Path, base: Path) -> dict[str, Any]:
+    """The match configuration of the demo data set (plain YAML-ready dict).
+
+    Paths are written relative to ``base``, the directory of the configuration file, as the
+    configuration loader reads them.
+    """
     optics, search = data["optics"], data["search"]
+
+    def relative(path: Path) -> str:
+        return os.path.relpath(Path(path).resolve(), Path(base).resolve())
+
     return {
-        "micrograph_path": str(data["micrograph_path"]),
-        "template_volume_path": str(data["template_path"]),
-        "output_dir": str(output_dir),
+        "micrograph_path": relative(data["micrograph_path"]),
+        "template_volume_path": relative(data["template_path"]),
+        "output_dir": relative(output_dir),
         "optics_group": {
             "label": "demo",
             "pixel_size": data["pixel_size"],
@@ -107,7 +116,8 @@ def run_demo(
     out = Path(out)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(data, out / "results"), sort_keys=False))
+    config = demo_config(data, out / "results", base=out)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(
         f"demo: {len(data['particles'])} particles planted in {data['micrograph_path']}; "
         f"configuration in {config_path}",

@@ -164,8 +164,11 @@ def test_white_noise_correlations_are_standard_normal(big_template):
     assert abs(std - 1.0) < 0.02
 
 
-def _planted_search(volume, template, mode: str):
-    """A 160^2 micrograph with one particle; search near its pose plus random poses."""
+def _planted_search(volume, template, mode: str, xp=np):
+    """A 160^2 micrograph with one particle; search near its pose plus random poses.
+
+    ``xp`` (numpy or cupy) is the array module the search runs on.
+    """
     grid = uniform_grid(psi_step=15.0, theta_step=15.0)
     truth = 1234
     phi, theta, psi = grid[truth]
@@ -182,7 +185,7 @@ def _planted_search(volume, template, mode: str):
         **OPTICS,
     )
     image = prepare_image(
-        micrograph,
+        xp.asarray(micrograph),
         box_shape=(64, 64),
         optics=_optics(3.0),
         relative_defocus=defocus,

@@ -34,6 +34,8 @@ PROJECTION_BYTES = 32 << 20
 #: (measured on 2 EPYC cores: larger batches fall out of cache, smaller ones pay the
 #: statistics update's per-call traffic; ``docs/performance.md``).
 FFT_BATCH_BYTES = 5 << 20
+#: On a GPU, batches large enough to keep cuFFT busy (16 maps at 4096²; not measured here).
+GPU_FFT_BATCH_BYTES = 1 << 30
 
 
 # Work buffers per thread (a worker may run several kernels at once in its threads).
@@ -116,14 +118,14 @@ def filtered_projections(
     return normalise_projections(projections, image_shape)
 
 
-def maps_per_fft(fft_shape: tuple[int, int]) -> int:
+def maps_per_fft(fft_shape: tuple[int, int], on_gpu: bool = False) -> int:
     """Correlation maps transformed together: about ``FFT_BATCH_BYTES`` of spectra.
 
     Small batches keep each map's spectrum in cache between the transforms, the product
     with the micrograph and the statistics update (measured: ``benchmarks/throughput.py``).
     """
     per_map = fft_shape[0] * (fft_shape[1] // 2 + 1) * 8
-    return max(1, FFT_BATCH_BYTES // per_map)
+    return max(1, (GPU_FFT_BATCH_BYTES if on_gpu else FFT_BATCH_BYTES) // per_map)
 
 
 def _correlate_maps(
@@ -205,7 +207,7 @@ def correlate_chunk(
     options = _fft_options(xp, fft_workers)
     n_defocus = int(image.filters.shape[0])
     h, w = image.box_shape
-    group = maps_per_fft(image.fft_shape)
+    group = maps_per_fft(image.fft_shape, on_gpu=xp is not np)
     batch_size = max(1, min(batch_size, PROJECTION_BYTES // (n_defocus * h * w * 4)))
     rotations = xp.asarray(euler_to_matrix(np.asarray(euler, dtype=np.float64)))
     stats = PartialStats.empty(image.out_shape, xp)

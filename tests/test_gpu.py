@@ -1,0 +1,85 @@
+"""The kernel on cupy: same particles, same maps as on the CPU; fused CUDA statistics update.
+
+Marked ``gpu``: skipped by ``conftest.py`` where no CUDA GPU works (the only skip of the
+suite). Run them on a GPU machine with ``python -m pytest -q -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_kernel import _planted_search
+
+from dtm.physics.projection import prepare_template
+from dtm.physics.resample import fourier_crop
+from dtm.search import fused
+from dtm.search.stats import PartialStats, update, update_numpy
+from dtm.simulate import simulate_template
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def volume():
+    return simulate_template(64, pixel_size=3.0, n_atoms=4000)
+
+
+@pytest.mark.parametrize("mode", ["valid", "same"])
+def test_planted_particle_on_gpu_matches_cpu(volume, mode):
+    import cupy
+
+    cpu_particle, cpu_maps, euler = _planted_search(volume, prepare_template(volume), mode)
+    particle, maps, _ = _planted_search(
+        volume, prepare_template(cupy.asarray(volume)), mode, xp=cupy
+    )
+    inside = (slice(0, 160 - 63), slice(0, 160 - 63))
+    scaled = maps["scaled_mip"][inside]
+    peak = np.unravel_index(np.argmax(scaled), scaled.shape)
+    assert peak == (particle.pos_y, particle.pos_x)
+    found = [maps[name][inside][peak] for name in ("phi", "theta", "psi")]
+    np.testing.assert_allclose(found, euler, atol=1e-3)
+    assert maps["defocus"][inside][peak] == pytest.approx(2000.0)
+    # Same maps as the CPU: MIP within 1e-4 relative, the same best pose almost everywhere
+    # (positions whose two best poses are closer than float32 rounding may differ).
+    np.testing.assert_allclose(maps["mip"], cpu_maps["mip"], rtol=1e-4, atol=1e-5)
+    same_pose = np.mean(
+        (maps["phi"] == cpu_maps["phi"])
+        & (maps["psi"] == cpu_maps["psi"])
+        & (maps["defocus"] == cpu_maps["defocus"])
+    )
+    assert same_pose > 0.999
+    np.testing.assert_allclose(
+        maps["correlation_variance"], cpu_maps["correlation_variance"], rtol=1e-4, atol=1e-6
+    )
+
+
+def test_cuda_update_is_bit_identical_to_reference():
+    import cupy
+
+    rng = np.random.default_rng(5)
+    full = np.round(rng.normal(size=(2, 9, 33, 70)) * 2).astype(np.float32) / 2  # many ties
+    fast, reference = PartialStats.empty((33, 61), cupy), PartialStats.empty((33, 61), cupy)
+    for first, batch in zip((4, 13), cupy.asarray(full), strict=True):
+        cropped = batch[:, :, 5:66]  # a crop of the inverse FFT's rows, as the kernel passes
+        assert fused.cuda_update(cropped, first, fast.mip, fast.best_index, fast.total,
+                                 fast.total_sq)  # fmt: skip
+        fast.count += 9
+        update_numpy(reference, cropped, first)
+    for name in ("mip", "best_index", "total", "total_sq"):
+        np.testing.assert_array_equal(getattr(fast, name).get(), getattr(reference, name).get())
+    # The public update takes the fused path on cupy arrays and agrees with the host.
+    host = PartialStats.empty((33, 61))
+    device = PartialStats.empty((33, 61), cupy)
+    update(host, full[0, :, :, 5:66], 4)
+    update(device, cupy.asarray(full[0])[:, :, 5:66], 4)
+    np.testing.assert_array_equal(device.best_index.get(), host.best_index)
+    np.testing.assert_array_equal(device.total_sq.get(), host.total_sq)
+
+
+def test_fourier_crop_on_gpu_matches_cpu(volume):
+    import cupy
+
+    cropped, pixel = fourier_crop(cupy.asarray(volume), 3.0, 9.0)
+    reference, reference_pixel = fourier_crop(volume, 3.0, 9.0)
+    assert pixel == reference_pixel
+    np.testing.assert_allclose(cropped.get(), reference, rtol=1e-4, atol=1e-5 * reference.max())
