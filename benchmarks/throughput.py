@@ -190,7 +190,7 @@ def write_match_inputs(case: Case, directory: Path, **overrides: Any) -> Path:
         n_particles=2,
         n_atoms=2000,
     )
-    config = demo_config(data, directory / "out")
+    config = demo_config(data, directory / "out", directory)
     config["orientation_search_config"].update(psi_step=case.psi_step, theta_step=case.theta_step)
     if case.n_defocus == 1:
         config["defocus_search_config"] = {"enabled": False}

@@ -12,7 +12,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,6 +28,7 @@ from dtm.errors import DtmError, InputError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph, read_template
 from dtm.io.store import open_results, write_json
 from dtm.jobfile import clear_outputs, file_digest, prepare_output, write_job
+from dtm.physics.resample import cropped_size
 from dtm.progress import Progress, format_duration
 from dtm.search import tasks
 from dtm.search.graph import search_graph, token
@@ -131,15 +132,18 @@ def _fingerprint(
 
 
 def _attrs(
-    config: MatchConfig, plan: MicrographPlan, template: MrcData, space: SearchSpace, start: str
+    config: MatchConfig, plan: MicrographPlan, sampling: Sampling, space: SearchSpace, start: str
 ) -> dict[str, Any]:
     optics = plan.optics
     return {
         "micrograph_name": plan.name,
         "micrograph_path": str(plan.entry.micrograph_path),
         "template_path": str(config.template_volume_path),
+        # With high_resolution_limit, maps and positions are at the cropped pixel size.
         "pixel_size": optics.pixel_size,
-        "template_shape": list(template.data.shape),
+        "original_pixel_size": config.optics_group.pixel_size,
+        "high_resolution_limit": config.high_resolution_limit,
+        "template_shape": [sampling.box[0]] * 3,
         "image_shape": list(plan.image_shape),
         "correlation_mode": config.correlation_mode,
         "total_orientations": space.n_orientations,
@@ -157,6 +161,36 @@ def _attrs(
         "dtm_version": dtm.__version__,
         "start_time": start,
     }
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Pixel size and shapes the search runs at (smaller with ``high_resolution_limit``)."""
+
+    pixel_size: float
+    box: tuple[int, int]
+    crop_pixel_size: float | None = None
+
+    def image_shape(self, shape: tuple[int, int], pixel_size: float) -> tuple[int, int]:
+        if self.crop_pixel_size is None:
+            return shape
+        return (
+            cropped_size(shape[0], pixel_size, self.crop_pixel_size),
+            cropped_size(shape[1], pixel_size, self.crop_pixel_size),
+        )
+
+
+def _sampling(config: MatchConfig, template: MrcData) -> Sampling:
+    """Fourier cropping to ``high_resolution_limit``: the template fixes the new pixel size."""
+    d = int(template.data.shape[-1])
+    pixel_size = config.optics_group.pixel_size
+    limit = config.high_resolution_limit
+    cropped = d if limit is None else cropped_size(d, pixel_size, limit / 2)
+    if cropped == d:
+        return Sampling(pixel_size, (d, d))
+    # The cropped template's exact pixel size; micrographs are cropped to match it.
+    new_pixel_size = pixel_size * d / cropped
+    return Sampling(new_pixel_size, (cropped, cropped), new_pixel_size)
 
 
 def _check_leopard_paths(config: MatchConfig, replace: bool) -> None:
@@ -265,13 +299,16 @@ def match_template(
         euler=config.orientation_search_config.grid(),
         defocus=config.defocus_search_config.values(),
     )
-    box = (int(template.data.shape[1]), int(template.data.shape[2]))
     valid = [p for p in plans if p.status != "failed"]
     if not valid:
         raise InputError("no micrograph could be read: see the lines above")
-    first_shape = valid[0].image_shape
-    fft_shape = fft_shape_for(first_shape, box, config.correlation_mode)
-    chunk_size = config.cluster.chunk_size or auto_chunk_size(space, fft_shape)
+    sampling = _sampling(config, template)
+    for plan in valid:
+        plan.image_shape = sampling.image_shape(plan.image_shape, plan.optics.pixel_size)
+        plan.optics = replace(plan.optics, pixel_size=sampling.pixel_size)
+    fft_shape = fft_shape_for(valid[0].image_shape, sampling.box, config.correlation_mode)
+    run_device = _resolve_device(config, device, out)
+    chunk_size = config.cluster.chunk_size or auto_chunk_size(space, fft_shape, run_device)
     fingerprint = _fingerprint(config, plans, chunk_size)
     previous = prepare_output(output_dir, fingerprint, resume=resume, overwrite=overwrite)
     _check_leopard_paths(config, overwrite or resume)
@@ -284,7 +321,12 @@ def match_template(
         f"{len(chunks)} tasks of ≤ {chunk_size} orientations each",
         file=out,
     )
-    run_device = _resolve_device(config, device, out)
+    if sampling.crop_pixel_size is not None:
+        print(
+            f"high_resolution_limit {config.high_resolution_limit:g} Å: searching at "
+            f"{sampling.pixel_size:.4g} Å/pixel, template box {sampling.box[0]}",
+            file=out,
+        )
     with session(
         client,
         config.cluster,
@@ -299,7 +341,7 @@ def match_template(
         output_dir.mkdir(parents=True, exist_ok=True)
         write_job(output_dir, config_to_dict(config), fingerprint)
         tasks_run = _run(
-            client, config, plans, template, space, chunks, done, output_dir, start, run_device, out
+            client, config, plans, sampling, space, chunks, done, output_dir, start, run_device, out
         )
         _write_peaks(config, output_dir, out)
     wall = time.perf_counter() - t0
@@ -332,7 +374,7 @@ def _run(
     client: distributed.Client,
     config: MatchConfig,
     plans: list[MicrographPlan],
-    template: MrcData,
+    sampling: Sampling,
     space: SearchSpace,
     chunks: list[tuple[int, int]],
     done: set[str],
@@ -343,12 +385,13 @@ def _run(
 ) -> int:
     """Build one graph for every micrograph still to search, run it, record each outcome."""
     single = len(plans) == 1
-    box = (int(template.data.shape[1]), int(template.data.shape[2]))
     template_node = dask.delayed(tasks.load_template)(
-        str(config.template_volume_path), dask_key_name="prepare-template"
+        str(config.template_volume_path),
+        sampling.crop_pixel_size,
+        dask_key_name="prepare-template",
     )
     [space_future] = client.scatter([space], broadcast=False, hash=False)
-    filters = config.preprocessing_filters.settings(config.optics_group.pixel_size)
+    filters = config.preprocessing_filters.settings(sampling.pixel_size)
     roots, n_tasks, todo = [], 0, []
     for plan in plans:
         if plan.status == "failed":
@@ -361,9 +404,10 @@ def _run(
             plan.name,
             str(plan.entry.micrograph_path),
             plan.optics,
-            box,
+            sampling.box,
             filters,
             config.correlation_mode,
+            sampling.crop_pixel_size,
         )
         image_node = dask.delayed(tasks.load_micrograph)(
             job, space.defocus, dask_key_name=f"prepare-{tok}"
@@ -386,7 +430,7 @@ def _run(
             group=None if single else plan.name,
             prefix="" if single else f"{plan.name}_",
             pixel_size=plan.optics.pixel_size,
-            attrs=_attrs(config, plan, template, space, start),
+            attrs=_attrs(config, plan, sampling, space, start),
             extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
             dask_key_name=f"persist-{tok}",
         )

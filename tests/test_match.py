@@ -176,3 +176,26 @@ def test_peaks_and_report_commands_on_a_finished_run(valid_run, dataset, tmp_pat
     assert "data:image/png;base64" in html and "micrograph" in html
     assert main(["peaks", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_high_resolution_limit_searches_cropped_data(dataset, two_workers, tmp_path):
+    ds = match_template(_config(dataset, tmp_path, high_resolution_limit=8.0), client=two_workers)
+    ds = ds.load()
+    assert ds.attrs["pixel_size"] == pytest.approx(4.0)  # 8 Å limit: 4 Å pixels
+    assert ds.attrs["original_pixel_size"] == pytest.approx(PIXEL_SIZE)
+    assert ds.attrs["template_shape"] == [48, 48, 48]
+    assert ds.mip.shape == (240 - 48 + 1,) * 2
+    for p in dataset["particles"]:
+        # Each planted particle is the strongest pose near its place on the coarser grid.
+        y, x = round(p.pos_y * PIXEL_SIZE / 4.0), round(p.pos_x * PIXEL_SIZE / 4.0)
+        window = ds.isel(y=slice(y - 2, y + 3), x=slice(x - 2, x + 3))
+        iy, ix = np.unravel_index(int(window.mip.argmax()), window.mip.shape)
+        best = window.isel(y=iy, x=ix)
+        assert (float(best.phi), float(best.theta), float(best.psi)) == pytest.approx(
+            (p.phi, p.theta, p.psi), abs=1e-3
+        )
+        assert float(best.scaled_mip) > 5.0
+        # Positions are in 4 Å pixels: the centre in Å is within one of them of the truth.
+        centre = (int(best.y) + 24) * 4.0, (int(best.x) + 24) * 4.0
+        truth = (p.pos_y + BOX // 2) * PIXEL_SIZE, (p.pos_x + BOX // 2) * PIXEL_SIZE
+        assert np.hypot(centre[0] - truth[0], centre[1] - truth[1]) <= 4.0 * np.sqrt(2)

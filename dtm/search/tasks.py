@@ -18,6 +18,7 @@ from dtm.dashboard import count_correlations
 from dtm.io.mrc import read_micrograph, read_template
 from dtm.io.store import build_dataset, export_maps, write_atomic, write_dataset
 from dtm.physics.projection import PreparedTemplate, prepare_template
+from dtm.physics.resample import fourier_crop
 from dtm.search.kernel import correlate_chunk
 from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace
@@ -37,6 +38,8 @@ class MicrographTask:
     box_shape: tuple[int, int]
     filters: FilterSettings
     mode: str
+    #: Fourier-crop the micrograph to this pixel size (Å) first (``high_resolution_limit``).
+    crop_pixel_size: float | None = None
 
 
 def _to_device(kind: str, value: Any, device: str) -> Any:
@@ -58,16 +61,23 @@ def _to_device(kind: str, value: Any, device: str) -> Any:
     return _DEVICE_CACHE[key]
 
 
-def load_template(path: str) -> PreparedTemplate:
-    """Read the template and prepare its spectrum for slicing."""
-    return prepare_template(read_template(path).data)
+def load_template(path: str, crop_pixel_size: float | None = None) -> PreparedTemplate:
+    """Read the template (Fourier-cropped to ``crop_pixel_size``) and prepare it for slicing."""
+    template = read_template(path)
+    volume = template.data
+    if crop_pixel_size is not None:
+        volume, _ = fourier_crop(volume, template.pixel_size, new_pixel_size=crop_pixel_size)
+    return prepare_template(volume)
 
 
 def load_micrograph(task: MicrographTask, relative_defocus: np.ndarray) -> ImageInputs:
     """Read, whiten and normalise a micrograph; build its filter stack."""
     micrograph = read_micrograph(task.path)
+    data = micrograph.data
+    if task.crop_pixel_size is not None:
+        data, _ = fourier_crop(data, micrograph.pixel_size, new_pixel_size=task.crop_pixel_size)
     return prepare_image(
-        micrograph.data,
+        data,
         box_shape=task.box_shape,
         optics=task.optics,
         relative_defocus=relative_defocus,
