@@ -30,18 +30,15 @@ import threading
 import time
 import warnings
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import distributed
-from bokeh.document import Document
-from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, FactorRange
-from bokeh.models.widgets import Div
-from bokeh.plotting import figure
 from distributed import Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin, WorkerPlugin
 from distributed.http.utils import RequestHandler
-from tornado.ioloop import IOLoop
+
+if TYPE_CHECKING:
+    from bokeh.document import Document
 
 #: Names of the worker plugin (counter) and of the scheduler plugin (dashboard page).
 PLUGIN_NAME = "dtm-correlation-counter"
@@ -125,6 +122,13 @@ class _RatesJSON(RequestHandler):
 
 
 def _page(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> None:
+    # bokeh is imported here, on the scheduler, so that workers counting correlations never
+    # pay for it.
+    from bokeh.layouts import column  # noqa: PLC0415
+    from bokeh.models import ColumnDataSource, FactorRange  # noqa: PLC0415
+    from bokeh.models.widgets import Div  # noqa: PLC0415
+    from bokeh.plotting import figure  # noqa: PLC0415
+
     """The bokeh document of ``/dtm``: cluster rate over time and rate per worker."""
     history = ColumnDataSource({"time": [], "rate": []})
     per_worker = ColumnDataSource({"worker": [], "rate": []})
@@ -173,6 +177,7 @@ class DashboardPage(SchedulerPlugin):
             r".*", [(r"/dtm/correlations.json", _RatesJSON, {"dask_server": scheduler})]
         )
         from distributed.dashboard.core import BokehApplication  # noqa: PLC0415 (needs bokeh)
+        from tornado.ioloop import IOLoop  # noqa: PLC0415
 
         page = BokehApplication({"/dtm": _page}, scheduler)
         application.add_application(page)
