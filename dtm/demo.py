@@ -116,8 +116,9 @@ def run_demo(
     out = Path(out)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
-    config = demo_config(data, out / "results", base=out)
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_path.write_text(
+        yaml.safe_dump(demo_config(data, out / "results", base=out), sort_keys=False)
+    )
     print(
         f"demo: {len(data['particles'])} particles planted in {data['micrograph_path']}; "
         f"configuration in {config_path}",

@@ -15,11 +15,14 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dtm
 from dtm.errors import ConfigError, OutputError
 from dtm.io.store import write_json
+
+if TYPE_CHECKING:
+    from dtm.plan import MicrographPlan
 
 JOB_FILE = "job.json"
 #: Files and folders of an output directory that belong to a dtm match run.
@@ -134,5 +137,69 @@ def write_job(output_dir: Path, config: dict[str, Any], fingerprint: dict[str, A
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": config,
             "fingerprint": fingerprint,
+        },
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of dtm and the libraries that determine its results."""
+    import dask  # noqa: PLC0415 (only for the report)
+    import distributed  # noqa: PLC0415
+    import mrcfile
+    import numpy as np  # noqa: PLC0415
+    import pandas
+    import scipy
+    import xarray as xr  # noqa: PLC0415
+    import zarr
+
+    modules = {
+        "dtm": dtm,
+        "numpy": np,
+        "scipy": scipy,
+        "dask": dask,
+        "distributed": distributed,
+        "xarray": xr,
+        "zarr": zarr,
+        "pandas": pandas,
+        "mrcfile": mrcfile,
+    }
+    return {name: str(getattr(mod, "__version__", "?")) for name, mod in modules.items()}
+
+
+def completed_micrographs(output_dir: Path) -> set[str]:
+    path = output_dir / "run.json"
+    if not path.exists():
+        return set()
+    report = json.loads(path.read_text())
+    return {
+        name for name, item in report.get("micrographs", {}).items() if item["status"] == "done"
+    }
+
+
+def write_run_report(
+    output_dir: Path,
+    plans: list[MicrographPlan],
+    wall: float | None,
+    tasks: tuple[int, int] | None = None,
+) -> None:
+    """``run.json``: per micrograph status, timing and error; versions."""
+    write_json(
+        output_dir / "run.json",
+        {
+            "finished": wall is not None,
+            "wall_seconds": wall,
+            # Correlate tasks computed by this invocation / in the whole search.
+            "tasks_computed": None if tasks is None else tasks[0],
+            "tasks_total": None if tasks is None else tasks[1],
+            "versions": versions(),
+            "micrographs": {
+                p.name: {
+                    "path": str(p.entry.micrograph_path),
+                    "status": p.status,
+                    "seconds": p.seconds,
+                    "error": p.error,
+                }
+                for p in plans
+            },
         },
     )

@@ -8,247 +8,45 @@ one table over all micrographs.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import dask
 import distributed
-import numpy as np
 import xarray as xr
 
-import dtm
 from dtm.cluster import session
-from dtm.config import MatchConfig, MicrographEntry, config_to_dict, load_match_config
-from dtm.errors import DtmError, InputError, OutputError
-from dtm.io.mrc import MrcData, check_compatible, read_micrograph, read_template
-from dtm.io.store import open_results, write_json
-from dtm.jobfile import clear_outputs, file_digest, prepare_output, write_job
-from dtm.physics.resample import cropped_size
+from dtm.config import MatchConfig, config_to_dict, load_match_config
+from dtm.errors import DtmError, InputError
+from dtm.io.mrc import read_template
+from dtm.io.store import open_results
+from dtm.jobfile import (
+    clear_outputs,
+    completed_micrographs,
+    prepare_output,
+    write_job,
+    write_run_report,
+)
+from dtm.plan import (
+    MicrographPlan,
+    Sampling,
+    auto_chunk_size,
+    check_leopard_paths,
+    dataset_attrs,
+    fingerprint,
+    resolve_device,
+    sampling_for,
+    validate_micrographs,
+)
 from dtm.progress import Progress, format_duration
 from dtm.search import tasks
 from dtm.search.graph import search_graph, token
-from dtm.search.prepare import Optics, fft_shape_for
+from dtm.search.prepare import fft_shape_for
 from dtm.search.space import SearchSpace
-
-#: Pixel-correlations (FFT size × correlations) per task: a few seconds on one CPU core.
-TARGET_TASK_WORK = 2.5e8
-#: A search is cut into at least this many tasks when it has enough orientations.
-MIN_TASKS = 32
-
-
-@dataclass
-class MicrographPlan:
-    """One micrograph of a run and its fate."""
-
-    entry: MicrographEntry
-    optics: Optics
-    image_shape: tuple[int, int] = (0, 0)
-    status: str = "pending"
-    error: str | None = None
-    seconds: float | None = None
-
-    @property
-    def name(self) -> str:
-        return str(self.entry.name)
-
-
-def auto_chunk_size(space: SearchSpace, fft_shape: tuple[int, int], device: str = "cpu") -> int:
-    """Orientations per task: a few seconds of work, and at least ``MIN_TASKS`` tasks.
-
-    It depends on the problem only (never on the number of workers), so a resumed run on a
-    different cluster cuts the search the same way. A GPU computes ~1000 times faster than
-    a CPU core while each task still costs one transfer and merge of its statistics maps
-    (28 bytes per position), so its tasks are 1000 times larger.
-    """
-    work = TARGET_TASK_WORK * (1000 if device == "gpu" else 1)
-    per_orientation = fft_shape[0] * fft_shape[1] * space.n_defocus
-    by_work = max(1, int(work // per_orientation))
-    by_count = max(1, -(-space.n_orientations // MIN_TASKS))
-    return min(by_work, by_count)
-
-
-def _optics(config: MatchConfig, entry: MicrographEntry) -> Optics:
-    group = config.optics_group
-    return Optics(
-        pixel_size=group.pixel_size,
-        voltage=group.voltage,
-        spherical_aberration=group.spherical_aberration,
-        amplitude_contrast_ratio=group.amplitude_contrast_ratio,
-        defocus_u=entry.defocus_u,
-        defocus_v=entry.defocus_v,
-        astigmatism_angle=entry.astigmatism_angle,
-        phase_shift=float(entry.phase_shift or 0.0),
-        ctf_B_factor=group.ctf_B_factor,
-    )
-
-
-def _validate_micrographs(
-    config: MatchConfig, template: MrcData, strict: bool, out: TextIO
-) -> list[MicrographPlan]:
-    """Read and check every micrograph; a bad one fails the run or is skipped."""
-    entries = config.micrograph_entries()
-    plans = []
-    for entry in entries:
-        plan = MicrographPlan(entry, _optics(config, entry))
-        try:
-            micrograph = read_micrograph(entry.micrograph_path)
-            check_compatible(micrograph, template, pixel_size=config.optics_group.pixel_size)
-            plan.image_shape = (int(micrograph.data.shape[0]), int(micrograph.data.shape[1]))
-        except DtmError as exc:
-            if strict or len(entries) == 1:
-                raise
-            plan.status, plan.error = "failed", str(exc)
-            print(f"skipped: {exc}", file=out)
-        plans.append(plan)
-    return plans
-
-
-def _fingerprint(
-    config: MatchConfig, plans: list[MicrographPlan], chunk_size: int
-) -> dict[str, Any]:
-    """The parts of a run that determine its maps (compared on ``--resume``)."""
-    cfg = config_to_dict(config)
-    optics = {k: v for k, v in cfg["optics_group"].items() if k != "label"}
-    return {
-        "template": file_digest(config.template_volume_path),
-        "micrographs": {
-            p.name: {**p.entry.model_dump(mode="json"), "status_ok": p.status != "failed"}
-            for p in plans
-        },
-        "optics_group": optics,
-        "orientation_search_config": cfg["orientation_search_config"],
-        "defocus_search_config": cfg["defocus_search_config"],
-        "preprocessing_filters": cfg["preprocessing_filters"],
-        "correlation_mode": config.correlation_mode,
-        "high_resolution_limit": config.high_resolution_limit,
-        "chunk_size": chunk_size,
-        "split_every": config.cluster.split_every,
-    }
-
-
-def _attrs(
-    config: MatchConfig, plan: MicrographPlan, sampling: Sampling, space: SearchSpace, start: str
-) -> dict[str, Any]:
-    optics = plan.optics
-    return {
-        "micrograph_name": plan.name,
-        "micrograph_path": str(plan.entry.micrograph_path),
-        "template_path": str(config.template_volume_path),
-        # With high_resolution_limit, maps and positions are at the cropped pixel size.
-        "pixel_size": optics.pixel_size,
-        "original_pixel_size": config.optics_group.pixel_size,
-        "high_resolution_limit": config.high_resolution_limit,
-        "template_shape": [sampling.box[0]] * 3,
-        "image_shape": list(plan.image_shape),
-        "correlation_mode": config.correlation_mode,
-        "total_orientations": space.n_orientations,
-        "total_defocus": space.n_defocus,
-        "total_correlations": space.n_correlations,
-        "defocus_u": optics.defocus_u,
-        "defocus_v": optics.defocus_v,
-        "astigmatism_angle": optics.astigmatism_angle,
-        "voltage": optics.voltage,
-        "spherical_aberration": optics.spherical_aberration,
-        "amplitude_contrast_ratio": optics.amplitude_contrast_ratio,
-        "phase_shift": optics.phase_shift,
-        "ctf_B_factor": optics.ctf_B_factor,
-        "config": json.dumps(config_to_dict(config)),
-        "dtm_version": dtm.__version__,
-        "start_time": start,
-    }
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Pixel size and shapes the search runs at (smaller with ``high_resolution_limit``)."""
-
-    pixel_size: float
-    box: tuple[int, int]
-    crop_pixel_size: float | None = None
-
-    def image_shape(self, shape: tuple[int, int], pixel_size: float) -> tuple[int, int]:
-        if self.crop_pixel_size is None:
-            return shape
-        return (
-            cropped_size(shape[0], pixel_size, self.crop_pixel_size),
-            cropped_size(shape[1], pixel_size, self.crop_pixel_size),
-        )
-
-
-def _sampling(config: MatchConfig, template: MrcData) -> Sampling:
-    """Fourier cropping to ``high_resolution_limit``: the template fixes the new pixel size."""
-    d = int(template.data.shape[-1])
-    pixel_size = config.optics_group.pixel_size
-    limit = config.high_resolution_limit
-    cropped = d if limit is None else cropped_size(d, pixel_size, limit / 2)
-    if cropped == d:
-        return Sampling(pixel_size, (d, d))
-    # The cropped template's exact pixel size; micrographs are cropped to match it.
-    new_pixel_size = pixel_size * d / cropped
-    return Sampling(new_pixel_size, (cropped, cropped), new_pixel_size)
-
-
-def _check_leopard_paths(config: MatchConfig, replace: bool) -> None:
-    """Leopard-EM's ``allow_file_overwrite: false`` protects its map paths."""
-    result = config.match_template_result
-    if result is None or result.allow_file_overwrite or replace:
-        return
-    existing = [str(path) for path in result.map_paths().values() if Path(path).exists()]
-    if existing:
-        raise OutputError(
-            f"match_template_result: {existing[0]} exists and allow_file_overwrite is false "
-            "(use --overwrite to replace it)"
-        )
-
-
-def _resolve_device(config: MatchConfig, device: str | None, out: TextIO) -> str:
-    """The array backend: ``--device``, else ``cluster.device``, else Leopard-EM's ``gpu_ids``.
-
-    A Leopard-EM file asks for GPU 0 by default; where no GPU works, dtm runs it on the CPU
-    with a notice rather than refusing a file that ran elsewhere.
-    """
-    if device is not None:
-        return device
-    if "device" in config.cluster.model_fields_set or config.computational_config is None:
-        return config.cluster.device
-    wanted = config.computational_config.device
-    if wanted == "gpu":
-        from dtm.cluster import gpu_unavailable_reason
-
-        reason = gpu_unavailable_reason()
-        if reason is not None:
-            print(
-                f"notice: computational_config.gpu_ids asks for a GPU, none works here "
-                f"({reason}): running on the CPU",
-                file=out,
-            )
-            return "cpu"
-    return wanted
-
-
-def _versions() -> dict[str, str]:
-    import mrcfile
-    import pandas
-    import scipy
-    import zarr
-
-    modules = {
-        "dtm": dtm,
-        "numpy": np,
-        "scipy": scipy,
-        "dask": dask,
-        "distributed": distributed,
-        "xarray": xr,
-        "zarr": zarr,
-        "pandas": pandas,
-        "mrcfile": mrcfile,
-    }
-    return {name: str(getattr(mod, "__version__", "?")) for name, mod in modules.items()}
 
 
 def match_template(
@@ -294,7 +92,7 @@ def match_template(
     t0 = time.perf_counter()
     output_dir = Path(config.output_dir)
     template = read_template(config.template_volume_path)
-    plans = _validate_micrographs(config, template, strict, out)
+    plans = validate_micrographs(config, template, strict, out)
     space = SearchSpace(
         euler=config.orientation_search_config.grid(),
         defocus=config.defocus_search_config.values(),
@@ -302,17 +100,17 @@ def match_template(
     valid = [p for p in plans if p.status != "failed"]
     if not valid:
         raise InputError("no micrograph could be read: see the lines above")
-    sampling = _sampling(config, template)
+    sampling = sampling_for(config, template)
     for plan in valid:
         plan.image_shape = sampling.image_shape(plan.image_shape, plan.optics.pixel_size)
         plan.optics = replace(plan.optics, pixel_size=sampling.pixel_size)
     fft_shape = fft_shape_for(valid[0].image_shape, sampling.box, config.correlation_mode)
-    run_device = _resolve_device(config, device, out)
+    run_device = resolve_device(config, device, out)
     chunk_size = config.cluster.chunk_size or auto_chunk_size(space, fft_shape, run_device)
-    fingerprint = _fingerprint(config, plans, chunk_size)
-    previous = prepare_output(output_dir, fingerprint, resume=resume, overwrite=overwrite)
-    _check_leopard_paths(config, overwrite or resume)
-    done = _completed_from_report(output_dir) if previous is not None else set()
+    run_fingerprint = fingerprint(config, plans, chunk_size)
+    previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
+    check_leopard_paths(config, overwrite or resume)
+    done = completed_micrographs(output_dir) if previous is not None else set()
 
     chunks = space.chunks(chunk_size)
     print(
@@ -339,7 +137,7 @@ def match_template(
         if overwrite:
             clear_outputs(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_job(output_dir, config_to_dict(config), fingerprint)
+        write_job(output_dir, config_to_dict(config), run_fingerprint)
         tasks_run = _run(
             client, config, plans, sampling, space, chunks, done, output_dir, start, run_device, out
         )
@@ -347,7 +145,7 @@ def match_template(
     wall = time.perf_counter() - t0
     n_searched = sum(1 for p in plans if p.status == "done")
     rate = n_searched * space.n_correlations / wall if wall > 0 else 0.0
-    _write_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
+    write_run_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
     print(
         f"finished in {format_duration(wall)} ({rate:,.0f} correlations/s overall); "
         f"results in {output_dir}/ (results.zarr, maps/, peaks.csv, run.json)",
@@ -358,16 +156,6 @@ def match_template(
         print(f"{len(failed)} micrograph(s) skipped: see {output_dir / 'run.json'}", file=out)
     results = open_results(output_dir)
     return next(iter(results.values())) if len(plans) == 1 else results
-
-
-def _completed_from_report(output_dir: Path) -> set[str]:
-    path = output_dir / "run.json"
-    if not path.exists():
-        return set()
-    report = json.loads(path.read_text())
-    return {
-        name for name, item in report.get("micrographs", {}).items() if item["status"] == "done"
-    }
 
 
 def _run(
@@ -430,7 +218,7 @@ def _run(
             group=None if single else plan.name,
             prefix="" if single else f"{plan.name}_",
             pixel_size=plan.optics.pixel_size,
-            attrs=_attrs(config, plan, sampling, space, start),
+            attrs=dataset_attrs(config, plan, sampling, space, start),
             extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
             dask_key_name=f"persist-{tok}",
         )
@@ -461,7 +249,7 @@ def _run(
                     raise
                 plan.status, plan.error = "failed", str(exc)
             plan.seconds = time.perf_counter() - started
-            _write_report(output_dir, plans, None)
+            write_run_report(output_dir, plans, None)
     return n_tasks
 
 
@@ -485,32 +273,3 @@ def _min_distance_pixels(config: MatchConfig) -> float | None:
     if peaks.min_distance_angstrom is not None:
         return peaks.min_distance_angstrom / config.optics_group.pixel_size
     return peaks.min_distance_pixels
-
-
-def _write_report(
-    output_dir: Path,
-    plans: list[MicrographPlan],
-    wall: float | None,
-    tasks: tuple[int, int] | None = None,
-) -> None:
-    """``run.json``: per micrograph status, timing and error; versions."""
-    write_json(
-        output_dir / "run.json",
-        {
-            "finished": wall is not None,
-            "wall_seconds": wall,
-            # Correlate tasks computed by this invocation / in the whole search.
-            "tasks_computed": None if tasks is None else tasks[0],
-            "tasks_total": None if tasks is None else tasks[1],
-            "versions": _versions(),
-            "micrographs": {
-                p.name: {
-                    "path": str(p.entry.micrograph_path),
-                    "status": p.status,
-                    "seconds": p.seconds,
-                    "error": p.error,
-                }
-                for p in plans
-            },
-        },
-    )

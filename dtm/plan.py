@@ -1,0 +1,216 @@
+"""Planning a match run: validated micrographs, sampling, chunk size, fingerprint, attributes.
+
+Everything here runs on the client before any task is submitted or any file is written, so a
+bad input stops the run with nothing touched.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import dtm
+from dtm.config import MatchConfig, MicrographEntry, config_to_dict
+from dtm.errors import DtmError, OutputError
+from dtm.io.mrc import MrcData, check_compatible, read_micrograph
+from dtm.jobfile import file_digest
+from dtm.physics.resample import cropped_size
+from dtm.search.prepare import Optics
+from dtm.search.space import SearchSpace
+
+#: Pixel-correlations (FFT size × correlations) per task: a few seconds on one CPU core.
+TARGET_TASK_WORK = 2.5e8
+#: A search is cut into at least this many tasks when it has enough orientations.
+MIN_TASKS = 32
+
+
+@dataclass
+class MicrographPlan:
+    """One micrograph of a run and its fate."""
+
+    entry: MicrographEntry
+    optics: Optics
+    image_shape: tuple[int, int] = (0, 0)
+    status: str = "pending"
+    error: str | None = None
+    seconds: float | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.entry.name)
+
+
+def auto_chunk_size(space: SearchSpace, fft_shape: tuple[int, int], device: str = "cpu") -> int:
+    """Orientations per task: a few seconds of work, and at least ``MIN_TASKS`` tasks.
+
+    It depends on the problem only (never on the number of workers), so a resumed run on a
+    different cluster cuts the search the same way. A GPU computes ~1000 times faster than
+    a CPU core while each task still costs one transfer and merge of its statistics maps
+    (28 bytes per position), so its tasks are 1000 times larger.
+    """
+    work = TARGET_TASK_WORK * (1000 if device == "gpu" else 1)
+    per_orientation = fft_shape[0] * fft_shape[1] * space.n_defocus
+    by_work = max(1, int(work // per_orientation))
+    by_count = max(1, -(-space.n_orientations // MIN_TASKS))
+    return min(by_work, by_count)
+
+
+def micrograph_optics(config: MatchConfig, entry: MicrographEntry) -> Optics:
+    group = config.optics_group
+    return Optics(
+        pixel_size=group.pixel_size,
+        voltage=group.voltage,
+        spherical_aberration=group.spherical_aberration,
+        amplitude_contrast_ratio=group.amplitude_contrast_ratio,
+        defocus_u=entry.defocus_u,
+        defocus_v=entry.defocus_v,
+        astigmatism_angle=entry.astigmatism_angle,
+        phase_shift=float(entry.phase_shift or 0.0),
+        ctf_B_factor=group.ctf_B_factor,
+    )
+
+
+def validate_micrographs(
+    config: MatchConfig, template: MrcData, strict: bool, out: TextIO
+) -> list[MicrographPlan]:
+    """Read and check every micrograph; a bad one fails the run or is skipped."""
+    entries = config.micrograph_entries()
+    plans = []
+    for entry in entries:
+        plan = MicrographPlan(entry, micrograph_optics(config, entry))
+        try:
+            micrograph = read_micrograph(entry.micrograph_path)
+            check_compatible(micrograph, template, pixel_size=config.optics_group.pixel_size)
+            plan.image_shape = (int(micrograph.data.shape[0]), int(micrograph.data.shape[1]))
+        except DtmError as exc:
+            if strict or len(entries) == 1:
+                raise
+            plan.status, plan.error = "failed", str(exc)
+            print(f"skipped: {exc}", file=out)
+        plans.append(plan)
+    return plans
+
+
+def fingerprint(
+    config: MatchConfig, plans: list[MicrographPlan], chunk_size: int
+) -> dict[str, Any]:
+    """The parts of a run that determine its maps (compared on ``--resume``)."""
+    cfg = config_to_dict(config)
+    optics = {k: v for k, v in cfg["optics_group"].items() if k != "label"}
+    return {
+        "template": file_digest(config.template_volume_path),
+        "micrographs": {
+            p.name: {**p.entry.model_dump(mode="json"), "status_ok": p.status != "failed"}
+            for p in plans
+        },
+        "optics_group": optics,
+        "orientation_search_config": cfg["orientation_search_config"],
+        "defocus_search_config": cfg["defocus_search_config"],
+        "preprocessing_filters": cfg["preprocessing_filters"],
+        "correlation_mode": config.correlation_mode,
+        "high_resolution_limit": config.high_resolution_limit,
+        "chunk_size": chunk_size,
+        "split_every": config.cluster.split_every,
+    }
+
+
+def dataset_attrs(
+    config: MatchConfig, plan: MicrographPlan, sampling: Sampling, space: SearchSpace, start: str
+) -> dict[str, Any]:
+    optics = plan.optics
+    return {
+        "micrograph_name": plan.name,
+        "micrograph_path": str(plan.entry.micrograph_path),
+        "template_path": str(config.template_volume_path),
+        # With high_resolution_limit, maps and positions are at the cropped pixel size.
+        "pixel_size": optics.pixel_size,
+        "original_pixel_size": config.optics_group.pixel_size,
+        "high_resolution_limit": config.high_resolution_limit,
+        "template_shape": [sampling.box[0]] * 3,
+        "image_shape": list(plan.image_shape),
+        "correlation_mode": config.correlation_mode,
+        "total_orientations": space.n_orientations,
+        "total_defocus": space.n_defocus,
+        "total_correlations": space.n_correlations,
+        "defocus_u": optics.defocus_u,
+        "defocus_v": optics.defocus_v,
+        "astigmatism_angle": optics.astigmatism_angle,
+        "voltage": optics.voltage,
+        "spherical_aberration": optics.spherical_aberration,
+        "amplitude_contrast_ratio": optics.amplitude_contrast_ratio,
+        "phase_shift": optics.phase_shift,
+        "ctf_B_factor": optics.ctf_B_factor,
+        "config": json.dumps(config_to_dict(config)),
+        "dtm_version": dtm.__version__,
+        "start_time": start,
+    }
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Pixel size and shapes the search runs at (smaller with ``high_resolution_limit``)."""
+
+    pixel_size: float
+    box: tuple[int, int]
+    crop_pixel_size: float | None = None
+
+    def image_shape(self, shape: tuple[int, int], pixel_size: float) -> tuple[int, int]:
+        if self.crop_pixel_size is None:
+            return shape
+        return (
+            cropped_size(shape[0], pixel_size, self.crop_pixel_size),
+            cropped_size(shape[1], pixel_size, self.crop_pixel_size),
+        )
+
+
+def sampling_for(config: MatchConfig, template: MrcData) -> Sampling:
+    """Fourier cropping to ``high_resolution_limit``: the template fixes the new pixel size."""
+    d = int(template.data.shape[-1])
+    pixel_size = config.optics_group.pixel_size
+    limit = config.high_resolution_limit
+    cropped = d if limit is None else cropped_size(d, pixel_size, limit / 2)
+    if cropped == d:
+        return Sampling(pixel_size, (d, d))
+    # The cropped template's exact pixel size; micrographs are cropped to match it.
+    new_pixel_size = pixel_size * d / cropped
+    return Sampling(new_pixel_size, (cropped, cropped), new_pixel_size)
+
+
+def check_leopard_paths(config: MatchConfig, replace: bool) -> None:
+    """Leopard-EM's ``allow_file_overwrite: false`` protects its map paths."""
+    result = config.match_template_result
+    if result is None or result.allow_file_overwrite or replace:
+        return
+    existing = [str(path) for path in result.map_paths().values() if Path(path).exists()]
+    if existing:
+        raise OutputError(
+            f"match_template_result: {existing[0]} exists and allow_file_overwrite is false "
+            "(use --overwrite to replace it)"
+        )
+
+
+def resolve_device(config: MatchConfig, device: str | None, out: TextIO) -> str:
+    """The array backend: ``--device``, else ``cluster.device``, else Leopard-EM's ``gpu_ids``.
+
+    A Leopard-EM file asks for GPU 0 by default; where no GPU works, dtm runs it on the CPU
+    with a notice rather than refusing a file that ran elsewhere.
+    """
+    if device is not None:
+        return device
+    if "device" in config.cluster.model_fields_set or config.computational_config is None:
+        return config.cluster.device
+    wanted = config.computational_config.device
+    if wanted == "gpu":
+        from dtm.cluster import gpu_unavailable_reason
+
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            print(
+                f"notice: computational_config.gpu_ids asks for a GPU, none works here "
+                f"({reason}): running on the CPU",
+                file=out,
+            )
+            return "cpu"
+    return wanted
