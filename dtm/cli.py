@@ -14,7 +14,7 @@ from pathlib import Path
 from dtm.errors import DtmError
 
 
-def _cluster_options(parser: argparse.ArgumentParser) -> None:
+def _cluster_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
     parser.add_argument(
         "--scheduler",
         metavar="ADDRESS",
@@ -22,7 +22,8 @@ def _cluster_options(parser: argparse.ArgumentParser) -> None:
         "scheduler file; default: start an embedded local cluster",
     )
     parser.add_argument("--workers", type=int, metavar="N", help="workers of a local cluster")
-    parser.add_argument("--device", choices=["cpu", "gpu"], help="array backend of the workers")
+    if device:
+        parser.add_argument("--device", choices=["cpu", "gpu"], help="array backend of the workers")
 
 
 def _match(args: argparse.Namespace) -> None:
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="simulate a micrograph and run the whole pipeline")
     demo.add_argument("--out", default="dtm-demo", help="output directory (default: dtm-demo)")
-    _cluster_options(demo)
+    _cluster_options(demo, device=False)
     demo.set_defaults(func=_demo)
 
     peaks = sub.add_parser("peaks", help="re-pick peaks from the results of dtm match")
@@ -170,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     refine = sub.add_parser("refine", help="refine particles from a results table")
     refine.add_argument("config", help="YAML configuration (dtm or Leopard-EM refine_template)")
-    _cluster_options(refine)
+    _cluster_options(refine, device=False)
     refine.set_defaults(func=_refine)
     return parser
 

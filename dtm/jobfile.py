@@ -128,6 +128,12 @@ def clear_outputs(output_dir: Path) -> None:
             path.unlink()
 
 
+def read_job(output_dir: Path) -> dict[str, Any] | None:
+    """The job file of an earlier run in ``output_dir``, if there is one."""
+    path = output_dir / JOB_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def write_job(output_dir: Path, config: dict[str, Any], fingerprint: dict[str, Any]) -> None:
     """Record every parameter and the version of this run."""
     write_json(

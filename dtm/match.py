@@ -8,6 +8,7 @@ one table over all micrographs.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -28,6 +29,7 @@ from dtm.jobfile import (
     clear_outputs,
     completed_micrographs,
     prepare_output,
+    read_job,
     write_job,
     write_run_report,
 )
@@ -106,7 +108,13 @@ def match_template(
         plan.optics = replace(plan.optics, pixel_size=sampling.pixel_size)
     fft_shape = fft_shape_for(valid[0].image_shape, sampling.box, config.correlation_mode)
     run_device = resolve_device(config, device, out)
-    chunk_size = config.cluster.chunk_size or auto_chunk_size(space, fft_shape, run_device)
+    earlier = read_job(output_dir) if resume else None
+    # A resumed run keeps the earlier automatic chunking, whatever cluster it now runs on.
+    chunk_size = (
+        config.cluster.chunk_size
+        or (earlier or {}).get("fingerprint", {}).get("chunk_size")
+        or auto_chunk_size(space, fft_shape, run_device)
+    )
     run_fingerprint = fingerprint(config, plans, chunk_size)
     previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
     check_leopard_paths(config, overwrite or resume)
@@ -138,8 +146,20 @@ def match_template(
             clear_outputs(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_job(output_dir, config_to_dict(config), run_fingerprint)
+        run_token = token(f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}")
         tasks_run = _run(
-            client, config, plans, sampling, space, chunks, done, output_dir, start, run_device, out
+            client,
+            config,
+            plans,
+            sampling,
+            space,
+            chunks,
+            done,
+            output_dir,
+            start,
+            run_device,
+            run_token,
+            out,
         )
         _write_peaks(config, output_dir, out)
     wall = time.perf_counter() - t0
@@ -169,16 +189,22 @@ def _run(
     output_dir: Path,
     start: str,
     device: str,
+    run_token: str,
     out: TextIO,
 ) -> int:
-    """Build one graph for every micrograph still to search, run it, record each outcome."""
+    """Build one graph for every micrograph still to search, run it, record each outcome.
+
+    Keys carry ``run_token`` so that two runs sharing a scheduler never share a task.
+    """
     single = len(plans) == 1
     template_node = dask.delayed(tasks.load_template)(
         str(config.template_volume_path),
         sampling.crop_pixel_size,
-        dask_key_name="prepare-template",
+        config.optics_group.pixel_size,
+        dask_key_name=f"prepare-template-{run_token}",
     )
-    [space_future] = client.scatter([space], broadcast=False, hash=False)
+    # A graph literal, not scattered data: Dask can recompute it after losing a worker.
+    space_node = dask.delayed(space, name=f"space-{run_token}", traverse=False)
     filters = config.preprocessing_filters.settings(sampling.pixel_size)
     roots, n_tasks, todo = [], 0, []
     for plan in plans:
@@ -187,7 +213,7 @@ def _run(
         if plan.name in done:
             plan.status = "done"
             continue
-        tok = token(plan.name)
+        tok = token(f"{run_token}/{plan.name}")
         job = tasks.MicrographTask(
             plan.name,
             str(plan.entry.micrograph_path),
@@ -196,24 +222,25 @@ def _run(
             filters,
             config.correlation_mode,
             sampling.crop_pixel_size,
+            config.optics_group.pixel_size,
         )
         image_node = dask.delayed(tasks.load_micrograph)(
             job, space.defocus, dask_key_name=f"prepare-{tok}"
         )
         tree, n_leaves = search_graph(
-            plan.name,
+            tok,
             image_node,
             template_node,
-            space_future,
+            space_node,
             chunks,
             split_every=config.cluster.split_every,
-            checkpoint_dir=output_dir / "checkpoints" / tok,
+            checkpoint_dir=output_dir / "checkpoints" / token(plan.name),
             device=device,
         )
         extra = config.match_template_result.map_paths() if config.match_template_result else None
         root = dask.delayed(tasks.persist)(
             tree,
-            space_future,
+            space_node,
             output_dir=str(output_dir),
             group=None if single else plan.name,
             prefix="" if single else f"{plan.name}_",
@@ -243,13 +270,15 @@ def _run(
             try:
                 future.result()
                 plan.status = "done"
-                shutil.rmtree(output_dir / "checkpoints" / token(plan.name), ignore_errors=True)
             except DtmError as exc:
                 if len(plans) == 1:
                     raise
                 plan.status, plan.error = "failed", str(exc)
             plan.seconds = time.perf_counter() - started
             write_run_report(output_dir, plans, None)
+            # Only once run.json says the micrograph is done may its checkpoints go.
+            if plan.status == "done":
+                shutil.rmtree(output_dir / "checkpoints" / token(plan.name), ignore_errors=True)
     return n_tasks
 
 
@@ -258,18 +287,13 @@ def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:
     from dtm.peaks import repick
 
     peaks = config.peaks
+    # Distances in Å are converted with each dataset's own pixel size (cropped or not).
     table = repick(
         output_dir,
-        false_positives=peaks.false_positives,
+        false_positives=None if peaks.z_score_cutoff is not None else peaks.false_positives,
         z_score_cutoff=peaks.z_score_cutoff,
-        min_distance=_min_distance_pixels(config),
+        min_distance=peaks.min_distance_pixels,
+        min_distance_angstrom=peaks.min_distance_angstrom,
         border=peaks.border_pixels,
     )
     print(f"peaks: {len(table)} above threshold", file=out)
-
-
-def _min_distance_pixels(config: MatchConfig) -> float | None:
-    peaks = config.peaks
-    if peaks.min_distance_angstrom is not None:
-        return peaks.min_distance_angstrom / config.optics_group.pixel_size
-    return peaks.min_distance_pixels

@@ -93,6 +93,18 @@ def validate_micrographs(
     return plans
 
 
+def _file_identity(path: Path) -> list[int]:
+    """Size and modification time of a micrograph: a file replaced at the same path shows.
+
+    (The template is hashed whole; hashing thousands of micrographs would cost minutes.)
+    """
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return [0, 0]
+    return [stat.st_size, stat.st_mtime_ns]
+
+
 def fingerprint(
     config: MatchConfig, plans: list[MicrographPlan], chunk_size: int
 ) -> dict[str, Any]:
@@ -102,7 +114,11 @@ def fingerprint(
     return {
         "template": file_digest(config.template_volume_path),
         "micrographs": {
-            p.name: {**p.entry.model_dump(mode="json"), "status_ok": p.status != "failed"}
+            p.name: {
+                **p.entry.model_dump(mode="json"),
+                "status_ok": p.status != "failed",
+                "file": _file_identity(p.entry.micrograph_path),
+            }
             for p in plans
         },
         "optics_group": optics,
@@ -202,6 +218,12 @@ def resolve_device(config: MatchConfig, device: str | None, out: TextIO) -> str:
     if "device" in config.cluster.model_fields_set or config.computational_config is None:
         return config.cluster.device
     wanted = config.computational_config.device
+    if wanted == "gpu" and config.computational_config.gpu_indices():
+        print(
+            "notice: computational_config.gpu_ids: dtm uses every GPU its workers see; "
+            "choose GPUs with CUDA_VISIBLE_DEVICES",
+            file=out,
+        )
     if wanted == "gpu":
         from dtm.cluster import gpu_unavailable_reason
 

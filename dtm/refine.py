@@ -106,7 +106,8 @@ def _check_table(table: pd.DataFrame, path: Path, template_pixel_size: float) ->
     if off.any():
         raise InputError(
             f"{path}: pixel size {pixel_size[off][0]} Å of the particles differs from the "
-            f"template's {template_pixel_size} Å (template mismatch)"
+            f"template's {template_pixel_size} Å (another template, or a search with "
+            "high_resolution_limit, whose positions are at the cropped pixel size)"
         )
 
 

@@ -199,3 +199,11 @@ def test_high_resolution_limit_searches_cropped_data(dataset, two_workers, tmp_p
         centre = (int(best.y) + 24) * 4.0, (int(best.x) + 24) * 4.0
         truth = (p.pos_y + BOX // 2) * PIXEL_SIZE, (p.pos_x + BOX // 2) * PIXEL_SIZE
         assert np.hypot(centre[0] - truth[0], centre[1] - truth[1]) <= 4.0 * np.sqrt(2)
+
+
+def test_fixed_z_score_cutoff_from_the_configuration(dataset, two_workers, tmp_path):
+    config = _config(dataset, tmp_path, peaks={"z_score_cutoff": 5.0, "min_distance_angstrom": 60})
+    match_template(config, client=two_workers)
+    peaks = pd.read_csv(tmp_path / "peaks.csv")
+    assert (peaks.scaled_mip >= 5.0).all()
+    _assert_particles_found(peaks, dataset["particles"])

@@ -240,7 +240,7 @@ def test_bad_inputs_raise_one_line_errors(coarse: dict[str, Any], tmp_path: Path
     other = tmp_path / "template.mrc"
     write_map(other, simulate_template(BOX, pixel_size=2.0, n_atoms=50), pixel_size=2.0)
     mismatch = _refine_config(coarse, "mismatch", template_volume_path=str(other))
-    with pytest.raises(InputError, match="template mismatch"):
+    with pytest.raises(InputError, match="differs from the template"):
         refine_template(mismatch)
     partial = coarse["table"].drop(columns=["psi"])
     partial.to_csv(tmp_path / "partial.csv", index=False)

@@ -1,8 +1,14 @@
 import numpy as np
+import pydantic
 import pytest
 
-from dtm.errors import ConfigError
-from dtm.search.space import SearchSpace, defocus_grid
+from dtm.config import DefocusSearchConfig
+from dtm.search.space import SearchSpace
+
+
+def _grid(lo: float, hi: float, step: float, **extra: object) -> np.ndarray:
+    config = DefocusSearchConfig(defocus_min=lo, defocus_max=hi, defocus_step=step, **extra)
+    return config.values()
 
 
 @pytest.mark.parametrize(
@@ -15,22 +21,21 @@ from dtm.search.space import SearchSpace, defocus_grid
     ],
 )
 def test_defocus_grid_counts(lo, hi, step, expected):
-    values = defocus_grid(lo, hi, step)
+    values = _grid(lo, hi, step)
     assert len(values) == expected
     assert values[0] == lo and values[-1] == hi
     assert 0.0 in values
 
 
 def test_defocus_grid_inserts_zero_when_off_grid():
-    values = defocus_grid(-400, 400, 300)
-    np.testing.assert_allclose(values, [-400, -100, 0, 200])
-    assert list(defocus_grid(-400, 400, 300, enforce_zero=False)) == [-400, -100, 200]
+    np.testing.assert_allclose(_grid(-400, 400, 300), [-400, -100, 0, 200])
+    assert list(_grid(-400, 400, 300, skip_enforce_zero=True)) == [-400, -100, 200]
 
 
 @pytest.mark.parametrize(("lo", "hi", "step"), [(-100, 100, 0), (-100, 100, -5), (100, -100, 10)])
 def test_defocus_grid_rejects_bad_ranges(lo, hi, step):
-    with pytest.raises(ConfigError):
-        defocus_grid(lo, hi, step)
+    with pytest.raises(pydantic.ValidationError):
+        _grid(lo, hi, step)
 
 
 def test_chunks_cover_the_orientations_once():

@@ -47,10 +47,13 @@ def open_micrographs(results: str | os.PathLike[str]) -> list[MicrographResults]
     store = _store_url(results)
     datasets = open_results(store)
     groups = result_groups(store)
-    # open_results lists the datasets in the order of result_groups.
+    if groups == [None]:
+        [(name, dataset)] = datasets.items()
+        return [MicrographResults(name, None, dataset, open_pyramid(store, None))]
+    # Several micrographs: each group is named after its micrograph.
     return [
-        MicrographResults(name, group, dataset, open_pyramid(store, group))
-        for group, (name, dataset) in zip(groups, datasets.items(), strict=True)
+        MicrographResults(str(group), group, datasets[str(group)], open_pyramid(store, group))
+        for group in groups
     ]
 
 

@@ -51,6 +51,7 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for the whole group
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -117,7 +118,9 @@ def write_dataset(
     final.parent.mkdir(parents=True, exist_ok=True)
     if group is not None and not (store / "zarr.json").exists():
         zarr.open_group(str(store), mode="a")
-    tmp = final.parent / f".{final.name}.tmp"
+    # Written outside the store (same file system) so that a half-written group is never
+    # listed as a micrograph of the store.
+    tmp = store.parent / f".{store.name}.{group or 'root'}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     dataset.to_zarr(str(tmp), mode="w", consolidated=False, encoding=encoding)
     maps = {name: dataset[name].values for name in PYRAMID_MAPS if name in dataset}
@@ -158,7 +161,8 @@ def result_groups(store: str | Path) -> list[str | None]:
     root = zarr.open_group(str(store), mode="r")
     if "mip" in root.array_keys():
         return [None]
-    groups: list[str | None] = [str(name) for name in sorted(root.group_keys())]
+    names = sorted(str(name) for name in root.group_keys())
+    groups: list[str | None] = [name for name in names if not name.startswith(".")]
     return groups
 
 

@@ -31,7 +31,7 @@ def checkpoint_file(checkpoint_dir: Path, group: int) -> Path:
 
 
 def search_graph(
-    name: str,
+    key: str,
     image: Any,
     template: Any,
     space: Any,
@@ -45,8 +45,8 @@ def search_graph(
 
     Parameters
     ----------
-    name : str
-        Micrograph name (keys use its token).
+    key : str
+        Token of this run and micrograph, used in every task key.
     image, template, space
         Delayed objects or futures of the micrograph inputs, the prepared template and the
         :class:`~dtm.search.space.SearchSpace`.
@@ -64,7 +64,6 @@ def search_graph(
         The root (complete :class:`~dtm.search.stats.PartialStats`) and the number of
         correlate tasks in the graph (those not covered by checkpoints).
     """
-    tok = token(name)
     level: list[Delayed] = []
     n_leaves = 0
     for group, first in enumerate(range(0, len(chunks), split_every)):
@@ -72,7 +71,7 @@ def search_graph(
         path = None if checkpoint_dir is None else checkpoint_file(checkpoint_dir, group)
         if path is not None and path.exists():
             node = dask.delayed(tasks.load_checkpoint)(
-                str(path), dask_key_name=(f"load-{tok}", group)
+                str(path), dask_key_name=(f"load-{key}", group)
             )
         else:
             leaves = [
@@ -82,7 +81,7 @@ def search_graph(
                     space,
                     *chunks[i],
                     device,
-                    dask_key_name=(f"correlate-{tok}", i),
+                    dask_key_name=(f"correlate-{key}", i),
                 )
                 for i in members
             ]
@@ -90,7 +89,7 @@ def search_graph(
             node = dask.delayed(tasks.merge)(
                 *leaves,
                 checkpoint=None if path is None else str(path),
-                dask_key_name=(f"merge-{tok}", 1, group),
+                dask_key_name=(f"merge-{key}", 1, group),
             )
         level.append(node)
     depth = 1
@@ -98,7 +97,7 @@ def search_graph(
         depth += 1
         level = [
             dask.delayed(tasks.merge)(
-                *level[i : i + split_every], dask_key_name=(f"merge-{tok}", depth, i // split_every)
+                *level[i : i + split_every], dask_key_name=(f"merge-{key}", depth, i // split_every)
             )
             for i in range(0, len(level), split_every)
         ]

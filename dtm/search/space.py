@@ -15,39 +15,6 @@ import numpy as np
 from dtm.errors import ConfigError
 
 
-def defocus_grid(
-    defocus_min: float, defocus_max: float, defocus_step: float, *, enforce_zero: bool = True
-) -> np.ndarray:
-    """Relative defocus values of a search (SPEC §3).
-
-    Parameters
-    ----------
-    defocus_min, defocus_max : float
-        Inclusive range of relative defocus in Å (positive = more underfocus).
-    defocus_step : float
-        Step in Å, > 0.
-    enforce_zero : bool
-        Insert 0 when it is not on the grid, so the nominal defocus is always searched.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n_defocus,)`` float64, ascending.
-    """
-    if not defocus_step > 0:
-        raise ConfigError(f"defocus_step: must be > 0 (got {defocus_step})")
-    if defocus_min > defocus_max:
-        raise ConfigError(
-            f"defocus range: defocus_min must be <= defocus_max (got {defocus_min} > {defocus_max})"
-        )
-    # The tolerance keeps an end point that floating point puts a hair past the range.
-    n = int(np.floor((defocus_max - defocus_min) / defocus_step + 1e-6)) + 1
-    values = defocus_min + defocus_step * np.arange(n, dtype=np.float64)
-    if enforce_zero and not np.any(np.isclose(values, 0.0, atol=1e-6 * defocus_step)):
-        values = np.sort(np.append(values, 0.0))
-    return values
-
-
 @dataclass(frozen=True)
 class SearchSpace:
     """Orientations and relative defocus values of a search.

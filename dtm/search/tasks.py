@@ -25,7 +25,7 @@ from dtm.search.space import SearchSpace
 from dtm.search.stats import PartialStats, finalise, merge_all
 
 #: Per-process copies of shared inputs on the GPU, keyed by the input's identity.
-_DEVICE_CACHE: dict[tuple[str, int], Any] = {}
+_DEVICE_CACHE: dict[tuple[str, int], tuple[Any, Any]] = {}
 
 
 @dataclass(frozen=True)
@@ -40,30 +40,48 @@ class MicrographTask:
     mode: str
     #: Fourier-crop the micrograph to this pixel size (Å) first (``high_resolution_limit``).
     crop_pixel_size: float | None = None
+    #: Pixel size of the configuration, used where the MRC header has none.
+    header_pixel_size: float | None = None
 
 
 def _to_device(kind: str, value: Any, device: str) -> Any:
-    """A GPU copy of a shared input, made once per worker process."""
+    """A GPU copy of a shared input, made once per worker process.
+
+    The cache keeps the host object beside its copy and checks it is the same object, so an
+    address reused by a later input can never return the copy of an earlier one.
+    """
     if device != "gpu":
         return value
     import cupy  # noqa: PLC0415 (optional dependency, GPU workers only)
 
     key = (kind, id(value))
-    if key not in _DEVICE_CACHE:
+    entry = _DEVICE_CACHE.get(key)
+    if entry is None or entry[0] is not value:
         if len(_DEVICE_CACHE) > 8:
             _DEVICE_CACHE.clear()
         if isinstance(value, PreparedTemplate):
-            _DEVICE_CACHE[key] = replace(value, spectrum=cupy.asarray(value.spectrum))
+            copy = replace(
+                value,
+                spectrum=cupy.asarray(value.spectrum),
+                centring_phase=cupy.asarray(value.centring_phase),
+            )
         else:
-            _DEVICE_CACHE[key] = replace(
+            copy = replace(
                 value, spectrum=cupy.asarray(value.spectrum), filters=cupy.asarray(value.filters)
             )
-    return _DEVICE_CACHE[key]
+        entry = (value, copy)
+        _DEVICE_CACHE[key] = entry
+    return entry[1]
 
 
-def load_template(path: str, crop_pixel_size: float | None = None) -> PreparedTemplate:
-    """Read the template (Fourier-cropped to ``crop_pixel_size``) and prepare it for slicing."""
-    template = read_template(path)
+def load_template(
+    path: str, crop_pixel_size: float | None = None, pixel_size: float | None = None
+) -> PreparedTemplate:
+    """Read the template (Fourier-cropped to ``crop_pixel_size``) and prepare it for slicing.
+
+    ``pixel_size`` is used only where the file's header has none.
+    """
+    template = read_template(path, pixel_size=pixel_size)
     volume = template.data
     if crop_pixel_size is not None:
         volume, _ = fourier_crop(volume, template.pixel_size, new_pixel_size=crop_pixel_size)
@@ -72,7 +90,7 @@ def load_template(path: str, crop_pixel_size: float | None = None) -> PreparedTe
 
 def load_micrograph(task: MicrographTask, relative_defocus: np.ndarray) -> ImageInputs:
     """Read, whiten and normalise a micrograph; build its filter stack."""
-    micrograph = read_micrograph(task.path)
+    micrograph = read_micrograph(task.path, pixel_size=task.header_pixel_size)
     data = micrograph.data
     if task.crop_pixel_size is not None:
         data, _ = fourier_crop(data, micrograph.pixel_size, new_pixel_size=task.crop_pixel_size)
