@@ -23,7 +23,7 @@ import pandas as pd
 import xarray as xr
 
 from dtm.errors import ConfigError, InputError
-from dtm.io.mrc import read_micrograph
+from dtm.io.mrc import PIXEL_SIZE_TOLERANCE, read_micrograph
 
 PadMode = Literal["constant", "reflect", "edge"]
 _PAD_MODES = ("constant", "reflect", "edge")
@@ -202,7 +202,13 @@ def extract_particles(
     for path, rows in table.groupby("micrograph_path", sort=False).indices.items():
         # Only the pixels matter here; the table's pixel size stands in for a header without.
         pixel_size = float(table["pixel_size"].iloc[rows[0]]) if "pixel_size" in table else 1.0
-        image = read_micrograph(path, pixel_size=pixel_size).data
+        micrograph = read_micrograph(path, pixel_size=pixel_size)
+        if abs(micrograph.pixel_size - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
+            raise InputError(
+                f"{path}: pixel size {micrograph.pixel_size:g} Å, but the particle table's "
+                f"positions are at {pixel_size:g} Å (a search with high_resolution_limit?)"
+            )
+        image = micrograph.data
         images[rows] = _boxes(image, top[rows], left[rows], box, pad_mode, pad_value)
         inside[rows] = (
             (top[rows] >= 0)
