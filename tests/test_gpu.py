@@ -83,3 +83,35 @@ def test_fourier_crop_on_gpu_matches_cpu(volume):
     reference, reference_pixel = fourier_crop(volume, 3.0, 9.0)
     assert pixel == reference_pixel
     np.testing.assert_allclose(cropped.get(), reference, rtol=1e-4, atol=1e-5 * reference.max())
+
+
+def test_pipeline_task_moves_cpu_inputs_to_the_gpu(volume):
+    """`tasks.correlate(..., device="gpu")` as a GPU worker runs it: host inputs, GPU copies."""
+    from dtm.search import tasks
+    from dtm.search.orientations import uniform_grid
+    from dtm.search.prepare import Optics, prepare_image
+    from dtm.search.space import SearchSpace
+
+    rng = np.random.default_rng(0)
+    image = prepare_image(
+        rng.normal(size=(128, 128)).astype(np.float32),
+        box_shape=(64, 64),
+        optics=Optics(3.0, 300.0, 2.7, 0.07, 10000.0, 9500.0, 30.0),
+        relative_defocus=np.array([-1000.0, 0.0, 1000.0]),
+    )
+    template = prepare_template(volume)
+    space = SearchSpace(uniform_grid(psi_step=30.0, theta_step=30.0)[:40], np.zeros(3))
+    on_gpu = tasks.correlate(image, template, space, 0, 40, device="gpu")
+    # A second call reuses the cached copies; a different image must not be served from them.
+    other = prepare_image(
+        rng.normal(size=(128, 128)).astype(np.float32),
+        box_shape=(64, 64),
+        optics=Optics(3.0, 300.0, 2.7, 0.07, 10000.0, 9500.0, 30.0),
+        relative_defocus=np.array([-1000.0, 0.0, 1000.0]),
+    )
+    on_cpu = tasks.correlate(image, template, space, 0, 40, device="cpu")
+    np.testing.assert_allclose(on_gpu.mip, on_cpu.mip, rtol=1e-4, atol=1e-5)
+    assert on_gpu.count == on_cpu.count == 120
+    other_gpu = tasks.correlate(other, template, space, 0, 40, device="gpu")
+    other_cpu = tasks.correlate(other, template, space, 0, 40, device="cpu")
+    np.testing.assert_allclose(other_gpu.mip, other_cpu.mip, rtol=1e-4, atol=1e-5)
