@@ -11,10 +11,8 @@ to float32; complex modes (3, 4) are rejected.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import mrcfile
 import numpy as np
 
 from dtm.errors import InputError, OutputError
+from dtm.io.atomic import write_atomic
 
 # Two pixel sizes are "the same" when they differ by at most this fraction (0.1 %): a 0.1 %
 # magnification error costs little SNR (SPEC §5: 20 % loss at 1.9 %).
@@ -247,20 +246,13 @@ def write_map(
         raise ValueError(f"write_map: pixel_size must be > 0, got {pixel_size}")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: exists and overwriting is disabled")
-    temporary: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # A unique name rather than mkstemp, so the map gets the umask's permissions (mkstemp
-        # would leave it readable by its owner only).
-        temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+
+    def write(temporary: str) -> None:
         with mrcfile.new(temporary, overwrite=True) as mrc:
             mrc.set_data(values)
             mrc.voxel_size = pixel_size
-        os.replace(temporary, path)
-        temporary = None
+
+    try:
+        write_atomic(path, write)
     except OSError as error:
         raise OutputError(f"{path}: cannot write map ({error.strerror or error})") from error
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                temporary.unlink()

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import xarray as xr
 import zarr
 
 from dtm.errors import InputError
+from dtm.io.atomic import write_atomic
 from dtm.io.mrc import write_map
 from dtm.io.pyramid import PYRAMID_MAPS, write_pyramid
 
@@ -44,21 +43,6 @@ MRC_NAMES = {
 
 #: Chunking of the full-resolution maps in zarr, for browsing.
 BROWSE_CHUNK = 512
-
-
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` and rename the result to ``path`` in one step."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for the whole group
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

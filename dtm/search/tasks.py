@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from dtm.dashboard import count_correlations
+from dtm.io.atomic import write_atomic
 from dtm.io.mrc import read_micrograph, read_template
-from dtm.io.store import build_dataset, export_maps, write_atomic, write_dataset
+from dtm.io.store import build_dataset, export_maps, write_dataset
 from dtm.physics.projection import PreparedTemplate, prepare_template
 from dtm.physics.resample import fourier_crop
 from dtm.search.kernel import correlate_chunk
