@@ -21,8 +21,12 @@ from dtm.search import tasks
 
 
 def token(name: str) -> str:
-    """A short hexadecimal token for a micrograph name (task keys stay readable by prefix)."""
-    return hashlib.sha1(name.encode()).hexdigest()[:12]
+    """A short token for a name, used in task keys and checkpoint folders.
+
+    It always holds a digit, so Dask's ``key_split`` drops it and the dashboard groups the
+    tasks by their readable prefix (``correlate``, ``merge``, …).
+    """
+    return "0" + hashlib.sha1(name.encode()).hexdigest()[:11]
 
 
 def checkpoint_file(checkpoint_dir: Path, group: int) -> Path:
