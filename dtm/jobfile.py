@@ -105,9 +105,8 @@ def prepare_output(
             f"output_dir {output_dir}: holds results of an earlier run; "
             "use --resume to continue it or --overwrite to replace it"
         )
-    previous = None
-    if exists and resume and (output_dir / JOB_FILE).exists():
-        previous = json.loads((output_dir / JOB_FILE).read_text())
+    previous = read_job(output_dir) if (exists and resume) else None
+    if previous is not None:
         changed = changed_keys(previous.get("fingerprint", {}), fingerprint)
         if changed:
             raise ConfigError(
@@ -131,7 +130,15 @@ def clear_outputs(output_dir: Path) -> None:
 def read_job(output_dir: Path) -> dict[str, Any] | None:
     """The job file of an earlier run in ``output_dir``, if there is one."""
     path = output_dir / JOB_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path}: unreadable job file ({exc}); use --overwrite") from None
+    if not isinstance(job, dict):
+        raise OutputError(f"{path}: not a dtm job file; use --overwrite")
+    return job
 
 
 def write_job(output_dir: Path, config: dict[str, Any], fingerprint: dict[str, Any]) -> None:
