@@ -180,13 +180,18 @@ def versions() -> dict[str, str]:
 
 
 def completed_micrographs(output_dir: Path) -> set[str]:
+    """Micrographs that ``run.json`` records as done (an unreadable report: none)."""
     path = output_dir / "run.json"
-    if not path.exists():
+    try:
+        report = json.loads(path.read_text())
+        return {
+            name
+            for name, item in report.get("micrographs", {}).items()
+            if item.get("status") == "done"
+        }
+    except (OSError, ValueError, AttributeError):
+        # Missing or damaged: resume then recomputes from the checkpoints, never guesses.
         return set()
-    report = json.loads(path.read_text())
-    return {
-        name for name, item in report.get("micrographs", {}).items() if item["status"] == "done"
-    }
 
 
 def write_run_report(
