@@ -13,8 +13,18 @@ from pathlib import Path
 
 from dtm.errors import DtmError
 
+CLUSTER_KINDS = ["local", "address", "slurm", "pbs", "kubernetes", "gpu-local"]
 
-def _cluster_options(parser: argparse.ArgumentParser, device: bool = True) -> None:
+
+def _cluster_options(
+    parser: argparse.ArgumentParser, device: bool = True, kind: bool = True
+) -> None:
+    if kind:
+        parser.add_argument(
+            "--cluster",
+            choices=CLUSTER_KINDS,
+            help="where the workers come from (overrides cluster.kind of the configuration)",
+        )
     parser.add_argument(
         "--scheduler",
         metavar="ADDRESS",
@@ -30,8 +40,10 @@ def _match(args: argparse.Namespace) -> None:
     from dtm.config import load_match_config
     from dtm.match import match_template
 
-    overrides = {"output_dir": args.output_dir} if args.output_dir else None
-    config = load_match_config(args.config, overrides)
+    overrides = {"output_dir": args.output_dir} if args.output_dir else {}
+    if args.cluster:
+        overrides["cluster.kind"] = args.cluster
+    config = load_match_config(args.config, overrides or None)
     for line in config.notices:
         print(f"notice: {line}")
     match_template(
@@ -87,7 +99,9 @@ def _refine(args: argparse.Namespace) -> None:
     from dtm.config import load_refine_config
     from dtm.refine import refine_template
 
-    config = load_refine_config(args.config)
+    config = load_refine_config(
+        args.config, {"cluster.kind": args.cluster} if args.cluster else None
+    )
     for line in config.notices:
         print(f"notice: {line}")
     refine_template(config, scheduler_address=args.scheduler, n_workers=args.workers)
@@ -119,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="simulate a micrograph and run the whole pipeline")
     demo.add_argument("--out", default="dtm-demo", help="output directory (default: dtm-demo)")
-    _cluster_options(demo, device=False)
+    _cluster_options(demo, device=False, kind=False)
     demo.set_defaults(func=_demo)
 
     peaks = sub.add_parser("peaks", help="re-pick peaks from the results of dtm match")

@@ -222,3 +222,18 @@ def test_yaml_syntax_error_and_the_real_console_exit_status(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "broken.yaml" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cluster_kind_from_the_command_line(good, tmp_path, capsys):
+    config = write_config(
+        tmp_path / "c.yaml",
+        match_config(good["micrograph_path"], good["template_path"], tmp_path / "out"),
+    )
+    # slurm needs cores and memory per job: the configuration has neither.
+    assert main(["match", str(config), "--cluster", "slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dtm: error: ") and "\n" not in err and "slurm" in err
+    assert not (tmp_path / "out").exists()
+    # kind address without an address is a configuration error naming the field.
+    assert main(["match", str(config), "--cluster", "address"]) == 2
+    assert "scheduler_address" in capsys.readouterr().err
