@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         grids = {
             n: write_match_inputs(
-                case, root / f"g{n}",
+                case,
+                root / f"g{n}",
                 orientation_search_config={"psi_step": psi, "theta_step": theta},
             )
             for n, (psi, theta) in MEMORY_GRIDS.items()
-        }  # fmt: skip
+        }
         for n_workers in (int(x) for x in args.workers.split(",")):
             cluster = ClusterConfig(n_workers=n_workers, threads_per_worker=1)
             with connect(cluster, quiet=True) as client:

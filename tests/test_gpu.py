@@ -61,8 +61,9 @@ def test_cuda_update_is_bit_identical_to_reference():
     fast, reference = PartialStats.empty((33, 61), cupy), PartialStats.empty((33, 61), cupy)
     for first, batch in zip((4, 13), cupy.asarray(full), strict=True):
         cropped = batch[:, :, 5:66]  # a crop of the inverse FFT's rows, as the kernel passes
-        assert fused.cuda_update(cropped, first, fast.mip, fast.best_index, fast.total,
-                                 fast.total_sq)  # fmt: skip
+        assert fused.cuda_update(
+            cropped, first, fast.mip, fast.best_index, fast.total, fast.total_sq
+        )
         fast.count += 9
         update_numpy(reference, cropped, first)
     for name in ("mip", "best_index", "total", "total_sq"):

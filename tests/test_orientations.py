@@ -72,9 +72,15 @@ def test_uniform_grid_rings_follow_the_formula():
 
 def test_uniform_grid_ranges_are_honoured():
     grid = uniform_grid(
-        psi_step=10.0, theta_step=10.0, phi_min=20.0, phi_max=140.0, theta_min=30.0,
-        theta_max=60.0, psi_min=-30.0, psi_max=30.0,
-    )  # fmt: skip
+        psi_step=10.0,
+        theta_step=10.0,
+        phi_min=20.0,
+        phi_max=140.0,
+        theta_min=30.0,
+        theta_max=60.0,
+        psi_min=-30.0,
+        psi_max=30.0,
+    )
     assert grid[:, 0].min() == 20.0 and grid[:, 0].max() < 140.0
     np.testing.assert_allclose(np.unique(grid[:, 1]), [30.0, 40.0, 50.0, 60.0])
     np.testing.assert_allclose(np.unique(grid[:, 2]), np.arange(-30.0, 30.0, 10.0))

@@ -34,11 +34,23 @@ from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
 PIXEL_SIZE = 3.0
 BOX = 64
 SHAPE = (256, 256)
-OPTICS = {"voltage": 300.0, "spherical_aberration": 2.7, "amplitude_contrast_ratio": 0.07,
-          "defocus_u": 5000.0, "defocus_v": 4800.0, "astigmatism_angle": 30.0,
-          "phase_shift": 0.0}  # fmt: skip
-LOCAL_RANGES = {"phi_min": 0.0, "phi_max": 60.0, "theta_min": 40.0, "theta_max": 80.0,
-                "psi_min": 0.0, "psi_max": 60.0}  # fmt: skip
+OPTICS = {
+    "voltage": 300.0,
+    "spherical_aberration": 2.7,
+    "amplitude_contrast_ratio": 0.07,
+    "defocus_u": 5000.0,
+    "defocus_v": 4800.0,
+    "astigmatism_angle": 30.0,
+    "phase_shift": 0.0,
+}
+LOCAL_RANGES = {
+    "phi_min": 0.0,
+    "phi_max": 60.0,
+    "theta_min": 40.0,
+    "theta_max": 80.0,
+    "psi_min": 0.0,
+    "psi_max": 60.0,
+}
 #: Top-left corners; the last one's 80 px box leaves the micrograph (top row -4).
 POSITIONS = [(20, 30), (40, 150), (150, 40), (140, 170), (4, 96)]
 DEFOCUS = [120.0, -120.0, 120.0, -120.0, 120.0]
@@ -78,8 +90,12 @@ def _off_grid_poses(grid: np.ndarray, n: int, seed: int = 3) -> list[np.ndarray]
 
 @pytest.fixture(scope="module")
 def client() -> Any:
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         yield c
 
 
@@ -94,9 +110,16 @@ def coarse(tmp_path_factory: pytest.TempPathFactory, client: Client) -> dict[str
         for (y, x), pose, defocus in zip(POSITIONS, _off_grid_poses(grid, 5), DEFOCUS, strict=True)
     ]
     template = simulate_template(BOX, pixel_size=PIXEL_SIZE, n_atoms=4000, seed=1)
-    micrograph = simulate_micrograph(template, SHAPE, particles, pixel_size=PIXEL_SIZE,
-                                     signal_scale=150.0, low_frequency_noise=5.0, seed=7,
-                                     **OPTICS)  # fmt: skip
+    micrograph = simulate_micrograph(
+        template,
+        SHAPE,
+        particles,
+        pixel_size=PIXEL_SIZE,
+        signal_scale=150.0,
+        low_frequency_noise=5.0,
+        seed=7,
+        **OPTICS,
+    )
     write_map(directory / "a.mrc", micrograph, pixel_size=PIXEL_SIZE)
     write_map(directory / "template.mrc", template, pixel_size=PIXEL_SIZE)
     config = {
@@ -105,11 +128,14 @@ def coarse(tmp_path_factory: pytest.TempPathFactory, client: Client) -> dict[str
         "output_dir": str(directory / "match"),
         "optics_group": {"label": "sim", "pixel_size": PIXEL_SIZE, "ctf_B_factor": 0.0, **OPTICS},
         "defocus_search_config": {"enabled": False},
-        "orientation_search_config": {"orientation_configs": [
-            {"psi_step": 30.0, "theta_step": 30.0},
-            {"psi_step": 10.0, "theta_step": 10.0, **LOCAL_RANGES}]},
+        "orientation_search_config": {
+            "orientation_configs": [
+                {"psi_step": 30.0, "theta_step": 30.0},
+                {"psi_step": 10.0, "theta_step": 10.0, **LOCAL_RANGES},
+            ]
+        },
         "cluster": {"chunk_size": 60},
-    }  # fmt: skip
+    }
     (directory / "match.yaml").write_text(yaml.safe_dump(config))
     ds = match_template(directory / "match.yaml", client=client)
     peaks = peaks_table(ds, z_score_cutoff=5.0)
@@ -126,20 +152,30 @@ def coarse(tmp_path_factory: pytest.TempPathFactory, client: Client) -> dict[str
     return {"dir": directory, "particles": particles, "table": table}
 
 
-def _refine_config(coarse: dict[str, Any], name: str, df_path: Path | None = None,
-                   **extra: Any) -> Path:  # fmt: skip
+def _refine_config(
+    coarse: dict[str, Any], name: str, df_path: Path | None = None, **extra: Any
+) -> Path:
     directory = coarse["dir"]
     config: dict[str, Any] = {
         "template_volume_path": str(directory / "template.mrc"),
-        "particle_stack": {"df_path": str(df_path or directory / "peaks.csv"),
-                           "extracted_box_size": [80, 80]},
-        "defocus_refinement_config": {"defocus_min": -300, "defocus_max": 300,
-                                      "defocus_step": DEFOCUS_STEP},
-        "orientation_refinement_config": {"theta_step_coarse": 7.5, "theta_step_fine": THETA_FINE,
-                                          "psi_step_coarse": 7.5, "psi_step_fine": PSI_FINE},
+        "particle_stack": {
+            "df_path": str(df_path or directory / "peaks.csv"),
+            "extracted_box_size": [80, 80],
+        },
+        "defocus_refinement_config": {
+            "defocus_min": -300,
+            "defocus_max": 300,
+            "defocus_step": DEFOCUS_STEP,
+        },
+        "orientation_refinement_config": {
+            "theta_step_coarse": 7.5,
+            "theta_step_fine": THETA_FINE,
+            "psi_step_coarse": 7.5,
+            "psi_step_fine": PSI_FINE,
+        },
         "preprocessing_filters": {"whitening_filter": {"enabled": True}},
         "output_path": str(directory / f"{name}.csv"),
-    }  # fmt: skip
+    }
     config.update(extra)
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -164,8 +200,10 @@ def test_refine_recovers_off_grid_particles(coarse: dict[str, Any], refined: pd.
         after = _angle(truth, _rotation(row.refined_phi, row.refined_theta, row.refined_psi))
         defocus_before = abs(row.relative_defocus - particle.relative_defocus)
         defocus_after = abs(row.refined_relative_defocus - particle.relative_defocus)
-        print(f"{k}  {before:5.2f} → {after:4.2f}   {defocus_before:5.0f} → {defocus_after:4.0f}"
-              f"   {row.scaled_mip:6.2f} → {row.refined_scaled_mip:6.2f}")  # fmt: skip
+        print(
+            f"{k}  {before:5.2f} → {after:4.2f}   {defocus_before:5.0f} → {defocus_after:4.0f}"
+            f"   {row.scaled_mip:6.2f} → {row.refined_scaled_mip:6.2f}"
+        )
         assert 3.0 <= before and after <= THETA_FINE
         assert defocus_before == pytest.approx(120.0) and defocus_after <= DEFOCUS_STEP
         assert row.refined_scaled_mip > row.scaled_mip
@@ -197,12 +235,22 @@ def test_outputs_written_and_readable(coarse: dict[str, Any], refined: pd.DataFr
 def test_one_and_three_workers_give_identical_results(
     coarse: dict[str, Any], client: Client
 ) -> None:
-    small = {"orientation_refinement_config": {"theta_step_coarse": 5.0, "theta_step_fine": 2.5,
-                                               "psi_step_coarse": 5.0, "psi_step_fine": 2.5},
-             "defocus_refinement_config": {"defocus_min": -100, "defocus_max": 100}}  # fmt: skip
+    small = {
+        "orientation_refinement_config": {
+            "theta_step_coarse": 5.0,
+            "theta_step_fine": 2.5,
+            "psi_step_coarse": 5.0,
+            "psi_step_fine": 2.5,
+        },
+        "defocus_refinement_config": {"defocus_min": -100, "defocus_max": 100},
+    }
     one = refine_template(_refine_config(coarse, "one", **small), client=client)
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as c:  # fmt: skip
+    with (
+        LocalCluster(
+            n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         three = refine_template(_refine_config(coarse, "three", **small), client=c)
     pd.testing.assert_frame_equal(three, one)
 
@@ -221,9 +269,13 @@ def test_refining_the_refined_table_keeps_or_improves(
 def test_no_offsets_reproduce_the_match_values(coarse: dict[str, Any], client: Client) -> None:
     """Same filtering and normalisation as the match: at the match's own pose, defocus and
     position the correlation and z-score are the match's MIP and scaled MIP."""
-    path = _refine_config(coarse, "same", position_search_pixels=0,
-                          orientation_refinement_config={"enabled": False},
-                          defocus_refinement_config={"enabled": False})  # fmt: skip
+    path = _refine_config(
+        coarse,
+        "same",
+        position_search_pixels=0,
+        orientation_refinement_config={"enabled": False},
+        defocus_refinement_config={"enabled": False},
+    )
     same = refine_template(path, client=client)
     np.testing.assert_allclose(same["refined_mip"], same["mip"], rtol=1e-4)
     np.testing.assert_allclose(same["refined_scaled_mip"], same["scaled_mip"], rtol=1e-4)
@@ -233,8 +285,14 @@ def test_no_offsets_reproduce_the_match_values(coarse: dict[str, Any], client: C
 def test_bad_inputs_raise_one_line_errors(coarse: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="df_path: file not found"):
         refine_template(_refine_config(coarse, "missing", df_path=tmp_path / "none.csv"))
-    small = _refine_config(coarse, "small", particle_stack={
-        "df_path": str(coarse["dir"] / "peaks.csv"), "extracted_box_size": [48, 48]})  # fmt: skip
+    small = _refine_config(
+        coarse,
+        "small",
+        particle_stack={
+            "df_path": str(coarse["dir"] / "peaks.csv"),
+            "extracted_box_size": [48, 48],
+        },
+    )
     with pytest.raises(ConfigError, match="extracted_box_size"):
         refine_template(small)
     other = tmp_path / "template.mrc"

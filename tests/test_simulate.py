@@ -32,9 +32,14 @@ def template() -> np.ndarray:
 def _quiet(template, shape, particles, **kwargs):
     """A micrograph without noise."""
     return simulate_micrograph(
-        template, shape, particles, pixel_size=PIXEL, noise_sigma=0.0, low_frequency_noise=0.0,
+        template,
+        shape,
+        particles,
+        pixel_size=PIXEL,
+        noise_sigma=0.0,
+        low_frequency_noise=0.0,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def test_template_shape_support_and_centre(template):
@@ -90,8 +95,15 @@ def test_particle_lands_at_its_box_with_dark_contrast(template):
 
 def test_particle_with_realistic_ctf_is_a_dark_blob_centred_on_its_box(template):
     particle = PlantedParticle(pos_y=30, pos_x=41, phi=40.0, theta=70.0, psi=200.0)
-    image = _quiet(template, (96, 112), [particle], defocus_u=12000.0, defocus_v=11000.0,
-                   astigmatism_angle=20.0, signal_scale=5.0)  # fmt: skip
+    image = _quiet(
+        template,
+        (96, 112),
+        [particle],
+        defocus_u=12000.0,
+        defocus_v=11000.0,
+        astigmatism_angle=20.0,
+        signal_scale=5.0,
+    )
     low_pass = scipy.ndimage.gaussian_filter(image.astype(np.float64), 2.5)
     centre = (30 + BOX // 2, 41 + BOX // 2)
     darkest = np.unravel_index(np.argmin(low_pass), low_pass.shape)
@@ -113,8 +125,15 @@ def test_particles_at_the_edge_are_clipped(template):
 
 
 def test_white_noise_statistics():
-    image = simulate_micrograph(np.zeros((8, 8, 8), np.float32), (256, 256), [], pixel_size=1.0,
-                                noise_sigma=2.0, low_frequency_noise=0.0, seed=5)  # fmt: skip
+    image = simulate_micrograph(
+        np.zeros((8, 8, 8), np.float32),
+        (256, 256),
+        [],
+        pixel_size=1.0,
+        noise_sigma=2.0,
+        low_frequency_noise=0.0,
+        seed=5,
+    )
     assert image.dtype == np.float32 and image.shape == (256, 256)
     assert abs(image.mean()) < 0.05
     assert image.std() == pytest.approx(2.0, rel=0.02)
@@ -145,8 +164,9 @@ def test_micrograph_reproducible_with_seed(template):
 
 def test_random_particles_inside_and_apart():
     grid = uniform_grid(psi_step=30.0, theta_step=30.0)
-    particles = random_particles(12, (200, 300), 32, orientations=grid,
-                                 defocus_values=(-100.0, 0.0, 100.0), seed=2)  # fmt: skip
+    particles = random_particles(
+        12, (200, 300), 32, orientations=grid, defocus_values=(-100.0, 0.0, 100.0), seed=2
+    )
     assert len(particles) == 12
     corners = np.array([(p.pos_y, p.pos_x) for p in particles])
     assert corners.min() >= 0
@@ -158,8 +178,9 @@ def test_random_particles_inside_and_apart():
     on_grid = (np.abs(poses[:, None, :] - grid[None]).max(axis=2) == 0).any(axis=1)
     assert on_grid.all()
     assert {p.relative_defocus for p in particles} <= {-100.0, 0.0, 100.0}
-    again = random_particles(12, (200, 300), 32, orientations=grid,
-                             defocus_values=(-100.0, 0.0, 100.0), seed=2)  # fmt: skip
+    again = random_particles(
+        12, (200, 300), 32, orientations=grid, defocus_values=(-100.0, 0.0, 100.0), seed=2
+    )
     assert again == particles
 
 

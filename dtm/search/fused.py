@@ -161,12 +161,13 @@ def numba_slicer() -> Callable[..., None] | None:
                     y1 = y0 + 1 if y0 + 1 < size else 0
                     z1 = z0 + 1 if z0 + 1 < size else 0
                     ux, uy, uz = 1 - tx, 1 - ty, 1 - tz
-                    value = (
-                        uz * (uy * (ux * spectrum[z0, y0, x0] + tx * spectrum[z0, y0, x1])
-                              + ty * (ux * spectrum[z0, y1, x0] + tx * spectrum[z0, y1, x1]))
-                        + tz * (uy * (ux * spectrum[z1, y0, x0] + tx * spectrum[z1, y0, x1])
-                                + ty * (ux * spectrum[z1, y1, x0] + tx * spectrum[z1, y1, x1]))
-                    )  # fmt: skip
+                    value = uz * (
+                        uy * (ux * spectrum[z0, y0, x0] + tx * spectrum[z0, y0, x1])
+                        + ty * (ux * spectrum[z0, y1, x0] + tx * spectrum[z0, y1, x1])
+                    ) + tz * (
+                        uy * (ux * spectrum[z1, y0, x0] + tx * spectrum[z1, y0, x1])
+                        + ty * (ux * spectrum[z1, y1, x0] + tx * spectrum[z1, y1, x1])
+                    )
                     out[n, iy, ix] = value * phase[iy, ix]
 
     return slicer
