@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import scipy.signal
+from datasets import OPTICS
 
 from dtm.physics.projection import extract_central_slices, prepare_template
 from dtm.physics.rotations import euler_to_matrix
@@ -23,15 +24,6 @@ from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_imag
 from dtm.search.space import SearchSpace
 from dtm.search.stats import PartialStats, finalise, update, update_numpy
 from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
-
-OPTICS = {
-    "voltage": 300.0,
-    "spherical_aberration": 2.7,
-    "amplitude_contrast_ratio": 0.07,
-    "defocus_u": 10000.0,
-    "defocus_v": 9500.0,
-    "astigmatism_angle": 30.0,
-}
 
 
 def _optics(pixel_size: float) -> Optics:
