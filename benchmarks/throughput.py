@@ -13,8 +13,10 @@ the embedded cluster runs):
   call): correlations / wall time of the call, start-up included.
 
 Times are medians of ``--repeats`` runs. ``ratio`` is the kernel's time per correlation
-over the floor's (wall clock, and CPU time, which other users of a shared machine disturb
-less). Run ``python benchmarks/throughput.py [--cases S,M] [--repeats 5] [--json out.json]``.
+over the floor's (wall clock, and CPU time), the median of the ratios of the repeats: each
+repeat times the floor and then the kernel in the same processes, so that the pair sees
+the same machine (on a shared VM the speed drifts by ±30 % over minutes).
+Run ``python benchmarks/throughput.py [--cases S,M] [--repeats 5] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -144,34 +146,68 @@ def _time_kernel(_: int) -> tuple[float, float, int]:
     return time.perf_counter() - wall, time.process_time() - cpu, stats.count
 
 
-def _init_floor(fft_shape: tuple[int, int]) -> None:
-    _STATE["x"] = np.random.default_rng(0).normal(size=fft_shape).astype(np.float32)
+def _init_both(case: Case, device: str, fft_shape: tuple[int, int]) -> None:
+    """Prepare the kernel's inputs and the floor's image in one process."""
+    _init_kernel(case, device)
+    xp = np
+    if device == "gpu":
+        import cupy as xp  # type: ignore[no-redef]
+    _STATE["x"] = xp.asarray(np.random.default_rng(0).normal(size=fft_shape).astype(np.float32))
 
 
 def _time_floor(n: int) -> tuple[float, float, int]:
+    from dtm.backend import get_fft, get_xp
+
     x = _STATE["x"]
+    fft = get_fft(get_xp(x))
+    options = {"workers": 1} if _STATE["device"] == "cpu" else {}
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
-        scipy.fft.irfft2(scipy.fft.rfft2(x, workers=1), s=x.shape, workers=1)
+        y = fft.irfft2(fft.rfft2(x, **options), s=x.shape, **options)
+    if _STATE["device"] == "gpu":
+        float(y[0, 0])  # waits for the device
     return time.perf_counter() - wall, time.process_time() - cpu, n
 
 
-def _parallel(n_proc: int, init: Any, args: tuple, func: Any, arg: int, repeats: int) -> dict:
-    """Run ``func`` in ``n_proc`` processes at once, ``repeats`` times; medians per item."""
+def _measure(n_proc: int, case: Case, device: str, fft_shape: tuple, n_floor: int, repeats: int):
+    """Floor and kernel, alternated in the same processes; medians per repeat.
+
+    Each repeat times the floor and then the kernel in every process at once, so both see
+    the same machine: on a shared VM the speed of the cores drifts by ±30 % over minutes,
+    and the ratio of the pair is much steadier than either figure.
+    """
     ctx = multiprocessing.get_context("spawn")  # fresh processes: default malloc settings
-    walls, cpus, rates = [], [], []
-    with ctx.Pool(n_proc, initializer=init, initargs=args) as pool:
-        pool.map(func, [max(1, arg // 8)] * n_proc)  # warm-up
+    runs: dict[str, list] = {"floor": [], "kernel": []}
+    ratios_wall, ratios_cpu = [], []
+    with ctx.Pool(n_proc, initializer=_init_both, initargs=(case, device, fft_shape)) as pool:
+        pool.map(_time_floor, [max(1, n_floor // 8)] * n_proc)  # warm-up
         for _ in range(repeats):
-            results = pool.map(func, [arg] * n_proc)
-            walls += [w / n for w, _, n in results]
-            cpus += [c / n for _, c, n in results]
-            rates.append(sum(n / w for w, _, n in results))
-    return {
-        "wall_per_item_s": statistics.median(walls),
-        "cpu_per_item_s": statistics.median(cpus),
-        "items_per_s": statistics.median(rates),
+            floor = pool.map(_time_floor, [n_floor] * n_proc)
+            kernel = pool.map(_time_kernel, [0] * n_proc)
+            for name, results in (("floor", floor), ("kernel", kernel)):
+                runs[name].append(
+                    (
+                        statistics.median(w / n for w, _, n in results),
+                        statistics.median(c / n for _, c, n in results),
+                        sum(n / w for w, _, n in results),
+                    )
+                )
+            ratios_wall.append(runs["kernel"][-1][0] / runs["floor"][-1][0])
+            ratios_cpu.append(runs["kernel"][-1][1] / runs["floor"][-1][1])
+    summary = {
+        name: {
+            "wall_per_item_s": statistics.median(r[0] for r in values),
+            "cpu_per_item_s": statistics.median(r[1] for r in values),
+            "items_per_s": statistics.median(r[2] for r in values),
+        }
+        for name, values in runs.items()
     }
+    summary["ratio"] = {
+        "wall": statistics.median(ratios_wall),
+        "cpu": statistics.median(ratios_cpu),
+        "wall_all": ratios_wall,
+    }
+    return summary
 
 
 # --- the whole dtm match ---------------------------------------------------------------------
@@ -283,15 +319,16 @@ def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, An
         "processes": n_proc,
     }
     n_floor = max(4, int(2e8 // (fft_shape[0] * fft_shape[1] * 10)))
-    floor = _parallel(n_proc, _init_floor, (fft_shape,), _time_floor, n_floor, repeats)
-    kernel = _parallel(n_proc, _init_kernel, (case, device), _time_kernel, 0, repeats)
+    measured = _measure(n_proc, case, device, fft_shape, n_floor, repeats)
+    floor, kernel = measured["floor"], measured["kernel"]
     row.update(
         floor_per_s=floor["items_per_s"],
         kernel_per_s=kernel["items_per_s"],
         floor_ms=floor["wall_per_item_s"] * 1e3,
         kernel_ms=kernel["wall_per_item_s"] * 1e3,
-        ratio_wall=kernel["wall_per_item_s"] / floor["wall_per_item_s"],
-        ratio_cpu=kernel["cpu_per_item_s"] / floor["cpu_per_item_s"],
+        ratio_wall=measured["ratio"]["wall"],
+        ratio_cpu=measured["ratio"]["cpu"],
+        ratio_wall_per_repeat=measured["ratio"]["wall_all"],
     )
     if match:
         row.update(measure_match(case, repeats, device))

@@ -128,6 +128,23 @@ def test_results_do_not_depend_on_batch_size_or_fft_size(small_problem):
         np.testing.assert_allclose(other.total_sq, runs[0].total_sq, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_layout_of_the_gpu_gives_the_cpu_maps(small_problem, monkeypatch):
+    """The transforms along y in the GPU's layout (strided) agree with the CPU's."""
+    from dtm.search import kernel
+
+    micrograph, template = small_problem
+    euler = uniform_grid(psi_step=60.0, theta_step=60.0)[:7]
+    for mode in ("valid", "same"):
+        image = _prepare(micrograph, mode)
+        transposed = correlate_chunk(image, template, euler, 0, batch_size=3)
+        with monkeypatch.context() as patch:
+            patch.setattr(kernel, "_along_y_transposed", kernel._along_y_strided)
+            strided = correlate_chunk(image, template, euler, 0, batch_size=3)
+        np.testing.assert_allclose(strided.mip, transposed.mip, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(strided.best_index, transposed.best_index)
+        np.testing.assert_allclose(strided.total_sq, transposed.total_sq, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def big_template():
     volume = simulate_template(64, pixel_size=3.0, n_atoms=4000)

@@ -3,9 +3,10 @@
 For a batch of orientations the kernel extracts central slices of the template spectrum,
 applies every defocus plane's filter, returns to real space to subtract the box's edge mean
 and normalise (SPEC §2), then correlates the maps with the micrograph a few at a time:
-forward transform of the zero-padded projection (only its ``h`` non-zero rows along x, in a
-reused buffer), product with the micrograph spectrum, inverse transform (only the map's
-rows along x), and a fused one-pass update of the running statistics. The same code runs on
+forward transform of the zero-padded projection (only its ``h`` non-zero rows along x),
+transforms along y in reused buffers (on the CPU with the columns stored contiguously),
+product with the micrograph spectrum, inverse transform (only the map's rows along x), and
+a fused one-pass update of the running statistics. The same code runs on
 numpy and cupy arrays; where it costs time against the FFT floor is measured in
 ``docs/performance.md``.
 """
@@ -18,6 +19,7 @@ import threading
 from typing import Any
 
 import numpy as np
+import scipy.fft
 
 from dtm.backend import get_fft, get_xp
 from dtm.physics.projection import PreparedTemplate
@@ -40,6 +42,8 @@ GPU_FFT_BATCH_BYTES = 1 << 30
 
 # Work buffers per thread (a worker may run several kernels at once in its threads).
 _THREAD_BUFFERS = threading.local()
+#: Complex values added to each row of the transposed buffer (one 64-byte cache line).
+_ROW_PAD = 8
 
 
 #: glibc ``mallopt`` parameters: M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
@@ -142,29 +146,87 @@ def _correlate_maps(
     """
     xp = get_xp(projections)
     fft = get_fft(xp)
-    fy, fx = image.fft_shape
+    fx = image.fft_shape[1]
     hm, wm = image.out_shape
-    h, w = image.box_shape
+    w = image.box_shape[1]
     rows = fft.rfft(projections[:, ::-1, ::-1], n=fx, axis=-1, **options)
-    spectra = _work_buffer(xp, (int(projections.shape[0]), fy, fx // 2 + 1))
+    along_y = _along_y_transposed if xp is np else _along_y_strided
+    spectra = along_y(image, rows, options)
+    maps = fft.irfft(spectra, n=fx, axis=-1, **options)
+    update(stats, maps[:, :, w - 1 : w - 1 + wm], first_index)
+
+
+def _along_y_strided(image: ImageInputs, rows: Any, options: dict) -> Any:
+    """Zero-pad, transform along y, × micrograph, inverse along y: the map's ``Hm`` rows.
+
+    The transforms run along the strided axis of a reused ``(m, Fy, Fx // 2 + 1)`` buffer,
+    as batched cuFFT prefers. Returns a view ``(m, Hm, Fx // 2 + 1)``.
+    """
+    xp = get_xp(rows)
+    fft = get_fft(xp)
+    fy, fxh = image.fft_shape[0], image.fft_shape[1] // 2 + 1
+    h, hm = image.box_shape[0], image.out_shape[0]
+    spectra = _work_buffer(xp, "padded", (int(rows.shape[0]), fy, fxh))
     spectra[:, :h] = rows
     spectra[:, h:] = 0
     # In place (the buffer is contiguous complex64): no fresh pages to fault in per batch.
     spectra = fft.fft(spectra, axis=-2, overwrite_x=True, **options)
     spectra *= image.spectrum
     columns = fft.ifft(spectra, axis=-2, overwrite_x=True, **options)
-    maps = fft.irfft(columns[:, h - 1 : h - 1 + hm], n=fx, axis=-1, **options)
-    update(stats, maps[:, :, w - 1 : w - 1 + wm], first_index)
+    return columns[:, h - 1 : h - 1 + hm]
 
 
-def _work_buffer(xp: Any, shape: tuple[int, int, int]) -> Any:
-    """A complex64 array of ``shape`` reused by the batches of this thread."""
-    buffers = _THREAD_BUFFERS.__dict__.setdefault("by_shape", {})
-    key = (xp.__name__, shape)
-    if key not in buffers:
-        buffers.clear()  # one problem size at a time: memory stays bounded
-        buffers[key] = xp.empty(shape, dtype=np.complex64)
-    return buffers[key]
+def _along_y_transposed(image: ImageInputs, rows: Any, options: dict) -> Any:
+    """As :func:`_along_y_strided`, on columns stored contiguously (the CPU's layout).
+
+    pocketfft along a strided axis gathers a few columns at a time and reads each cache
+    line twice; with the columns contiguous the transforms along y cost half as much, which
+    pays for the two transposes (measured: ``docs/performance.md``). The transposed
+    buffer's rows are padded by one cache line so that its stride is never a power of two
+    (4 KiB strides alias in the cache and made the transpose back 5× slower). Returns a
+    contiguous ``(m, Hm, Fx // 2 + 1)`` array, reused by the next batch of this thread.
+    """
+    fy, fxh = image.fft_shape[0], image.fft_shape[1] // 2 + 1
+    h, hm = image.box_shape[0], image.out_shape[0]
+    m = int(rows.shape[0])
+    columns = _work_buffer(np, "columns", (m, fxh, fy + _ROW_PAD))[:, :, :fy]
+    columns[:, :, :h] = rows.transpose(0, 2, 1)
+    columns[:, :, h:] = 0
+    spectra = scipy.fft.fft(columns, axis=-1, overwrite_x=True, **options)
+    spectra *= _transposed_spectrum(image)
+    spectra = scipy.fft.ifft(spectra, axis=-1, overwrite_x=True, **options)
+    out = _work_buffer(np, "map rows", (m, hm, fxh))
+    out[...] = spectra[:, :, h - 1 : h - 1 + hm].transpose(0, 2, 1)
+    return out
+
+
+def _work_buffer(xp: Any, name: str, shape: tuple[int, ...]) -> Any:
+    """A complex64 array ``name`` of ``shape`` reused by the batches of this thread.
+
+    A buffer with more maps (the first axis) than asked for is sliced, so the shorter last
+    batch of a chunk does not reallocate it; another problem size replaces it, which keeps
+    the memory bounded.
+    """
+    buffers = _THREAD_BUFFERS.__dict__.setdefault("by_name", {})
+    buffer = buffers.get(name)
+    if (
+        buffer is None
+        or get_xp(buffer) is not xp
+        or buffer.shape[1:] != shape[1:]
+        or buffer.shape[0] < shape[0]
+    ):
+        buffer = buffers[name] = xp.empty(shape, dtype=np.complex64)
+    return buffer[: shape[0]]
+
+
+def _transposed_spectrum(image: ImageInputs) -> np.ndarray:
+    """``image.spectrum.T`` as a contiguous ``(Fx // 2 + 1, Fy)`` array, kept per thread."""
+    cached = getattr(_THREAD_BUFFERS, "spectrum_t", None)
+    # Identity, not id(): the cache holds the spectrum, so its address cannot be reused.
+    if cached is None or cached[0] is not image.spectrum:
+        cached = (image.spectrum, np.ascontiguousarray(image.spectrum.T))
+        _THREAD_BUFFERS.spectrum_t = cached
+    return cached[1]
 
 
 def correlate_chunk(
