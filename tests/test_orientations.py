@@ -9,6 +9,7 @@ from scipy.spatial.transform import Rotation
 from dtm.errors import ConfigError
 from dtm.search.orientations import (
     healpix_grid,
+    healpix_pix2ang,
     local_grid,
     orientation_grid,
     symmetry_ranges,
@@ -135,6 +136,15 @@ def test_orientation_grid_symmetry_and_override():
 def test_orientation_grid_rejects_bad_configuration(kwargs):
     with pytest.raises(ConfigError):
         orientation_grid(**kwargs)
+
+
+@pytest.mark.parametrize("nside", [1, 2, 3, 4, 7, 16, 23, 64, 100])
+def test_healpix_pixel_centres_equal_healpy(nside):
+    healpy = pytest.importorskip("healpy")  # a test dependency: the reference
+    theta, phi = healpix_pix2ang(nside)
+    reference = healpy.pix2ang(nside, np.arange(healpy.nside2npix(nside)))
+    np.testing.assert_array_equal(theta, reference[0])
+    np.testing.assert_array_equal(phi, reference[1])
 
 
 def test_healpix_grid_is_roughly_uniform_and_covers_the_sphere():
