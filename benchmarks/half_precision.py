@@ -3,39 +3,30 @@
 On a GPU the micrograph's spectrum is read once per correlation map; storing it as two
 float16 per coefficient would halve that traffic. What it costs in accuracy does not need a
 GPU: the spectrum rounded to float16 and widened back is exactly what the product would
-see. This runs the CPU kernel on a simulated micrograph with planted particles twice —
+see. This runs the CPU kernel on ``dtm demo``'s simulated micrograph with planted particles twice —
 complex64 spectrum, and the same spectrum rounded through float16 — and prints the largest
 change of the MIP, of the scaled MIP at the particles, and whether every particle is still
 found at the same position, orientation and defocus.
 
-Run ``python benchmarks/half_precision.py`` (about a minute on 2 cores).
+Run ``python benchmarks/half_precision.py`` (about two minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from dataclasses import replace
 
 import numpy as np
 
+from dtm.io.mrc import read_micrograph, read_template
 from dtm.physics.projection import PreparedTemplate, prepare_template
 from dtm.search.kernel import correlate_chunk
 from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace
 from dtm.search.stats import finalise, merge_all
-from dtm.simulate import random_particles, simulate_micrograph, simulate_template
-
-PIXEL_SIZE, BOX, SHAPE = 3.0, 64, (448, 448)
-DEFOCUS = np.array([-1200.0, 0.0, 1200.0])
-OPTICS = {
-    "voltage": 300.0,
-    "spherical_aberration": 2.7,
-    "amplitude_contrast_ratio": 0.07,
-    "defocus_u": 10000.0,
-    "defocus_v": 9500.0,
-    "astigmatism_angle": 30.0,
-}
+from dtm.simulate import demo_dataset
 
 
 def to_half_and_back(spectrum: np.ndarray) -> np.ndarray:
@@ -56,27 +47,38 @@ def search(image: ImageInputs, template: PreparedTemplate, space: SearchSpace) -
 
 
 def main() -> int:
-    volume = simulate_template(BOX, pixel_size=PIXEL_SIZE, n_atoms=4000, seed=1)
-    euler = uniform_grid(psi_step=30.0, theta_step=30.0)
-    particles = random_particles(
-        6, SHAPE, BOX, orientations=euler, defocus_values=DEFOCUS, min_separation=77, seed=0
+    with tempfile.TemporaryDirectory(prefix="dtm-half-") as tmp:
+        data = demo_dataset(tmp)  # dtm demo's data set: 480² micrograph, 6 particles
+        micrograph = read_micrograph(data["micrograph_path"]).data
+        volume = read_template(data["template_path"]).data
+    grid, optics = data["search"], data["optics"]
+    defocus = np.arange(
+        grid["defocus_min"], grid["defocus_max"] + grid["defocus_step"] / 2, grid["defocus_step"]
     )
-    micrograph = simulate_micrograph(
-        volume,
-        SHAPE,
-        particles,
-        pixel_size=PIXEL_SIZE,
-        signal_scale=18.0,
-        low_frequency_noise=5.0,
-        seed=100,
-        **OPTICS,
+    space = SearchSpace(
+        euler=uniform_grid(psi_step=grid["psi_step"], theta_step=grid["theta_step"]),
+        defocus=defocus,
     )
-    optics = Optics(PIXEL_SIZE, **OPTICS)
-    image = prepare_image(micrograph, box_shape=(BOX, BOX), optics=optics, relative_defocus=DEFOCUS)
+    image = prepare_image(
+        micrograph,
+        box_shape=volume.shape[1:],
+        optics=Optics(
+            data["pixel_size"],
+            optics["voltage"],
+            optics["spherical_aberration"],
+            optics["amplitude_contrast_ratio"],
+            optics["defocus_u"],
+            optics["defocus_v"],
+            optics["astigmatism_angle"],
+            optics["phase_shift"],
+            optics["b_factor"],
+        ),
+        relative_defocus=defocus,
+    )
     half = replace(image, spectrum=to_half_and_back(image.spectrum))
     template = prepare_template(volume)
-    space = SearchSpace(euler=euler, defocus=DEFOCUS)
     full_maps, half_maps = search(image, template, space), search(half, template, space)
+    particles = data["particles"]
 
     spectrum_error = np.abs(half.spectrum - image.spectrum).max() / np.abs(image.spectrum).max()
     mip_error = np.abs(half_maps["mip"] - full_maps["mip"]).max()
