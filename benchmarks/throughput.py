@@ -169,7 +169,9 @@ def _time_floor(n: int) -> tuple[float, float, int]:
     return time.perf_counter() - wall, time.process_time() - cpu, n
 
 
-def _measure(n_proc: int, case: Case, device: str, fft_shape: tuple, n_floor: int, repeats: int):
+def _measure(
+    n_proc: int, case: Case, device: str, fft_shape: tuple, n_floor: int, repeats: int
+) -> dict[str, Any]:
     """Floor and kernel, alternated in the same processes; medians per repeat.
 
     Each repeat times the floor and then the kernel in every process at once, so both see
