@@ -263,13 +263,50 @@ def time_imports() -> float:
     return time.perf_counter() - start
 
 
+def time_command(config_path: Path, device: str) -> float:
+    """Wall seconds of ``dtm match CONFIG --overwrite`` in a fresh process, shell to shell."""
+    command = [sys.executable, "-m", "dtm.cli", "match", str(config_path), "--overwrite"]
+    start = time.perf_counter()
+    subprocess.run([*command, "--device", device], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def time_first_call(config_path: Path, client: Any, device: str) -> dict[str, float]:
+    """The first call on a fresh cluster, split at its first and last correlate task.
+
+    ``to_first_s``: from the call to the start of the first correlate task on a worker
+    (reading and planning, worker-side imports, preparing the inputs); ``wind_down_s``:
+    from the end of the last correlate task to the return (merging, writing the maps, the
+    zarr store and the peak tables). Worker and client clocks are the same machine's.
+    """
+    import distributed
+
+    with distributed.get_task_stream(client) as stream:
+        called = time.time()
+        result = time_match(config_path, client, device)
+        returned = time.time()
+    spans = [
+        (span["start"], span["stop"])
+        for record in stream.data
+        if str(record["key"]).split("-")[0].strip("('") == "correlate"
+        for span in record["startstops"]
+        if span["action"] == "compute"
+    ]
+    return {
+        **result,
+        "to_first_s": min(start for start, _ in spans) - called,
+        "wind_down_s": returned - max(stop for _, stop in spans),
+    }
+
+
 def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
-    """Whole-command rate, steady-state rate and start-up of ``dtm match`` on ``case``.
+    """Whole-command rate, steady-state rate, start-up and wind-down of ``dtm match``.
 
     Steady state: ``ΔN / Δt`` between the full search and a 24-orientation search on the
-    same running cluster, which cancels every fixed cost (planning, preparing the inputs on
-    the workers, writing the maps and the peaks). Start-up: imports + cluster start + the
-    24-orientation call.
+    same running cluster, which cancels every fixed cost. Start-up: imports (fresh
+    interpreter) + cluster start + the first call's time to its first correlate task;
+    wind-down: the first call's time after its last correlate task. ``command_s``: the
+    24-orientation search as a shell command, ``dtm match`` start to exit.
     """
     from dtm.cluster import connect
     from dtm.config import ClusterConfig
@@ -282,29 +319,34 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
             orientation_search_config={"psi_step": 90.0, "theta_step": 90.0},
         )
         whole = [time_match(full, device=device) for _ in range(repeats)]
-        steady, fixed, cluster = [], [], []
+        steady, first, cluster = [], [], []
         for _ in range(repeats):
             start = time.perf_counter()
             with connect(ClusterConfig(device=device), quiet=True) as client:
                 client.wait_for_workers(1)
                 cluster.append(time.perf_counter() - start)
-                small, big = time_match(tiny, client, device), time_match(full, client, device)
-            fixed.append(small["wall_s"])
+                small = time_first_call(tiny, client, device)
+                big = time_match(full, client, device)
+            first.append(small)
             steady.append(
                 (big["correlations"] - small["correlations"]) / (big["wall_s"] - small["wall_s"])
             )
+        command = statistics.median(time_command(tiny, device) for _ in range(repeats))
     imports = statistics.median(time_imports() for _ in range(3))
+    to_first = statistics.median(r["to_first_s"] for r in first)
     return {
         "match_correlations": int(whole[0]["correlations"]),
         "match_wall_s": statistics.median(r["wall_s"] for r in whole),
         "match_per_s": statistics.median(r["per_s"] for r in whole),
         "match_steady_per_s": statistics.median(steady),
-        "startup_s": imports + statistics.median(cluster) + statistics.median(fixed),
+        "startup_s": imports + statistics.median(cluster) + to_first,
         "startup_parts_s": {
             "imports": imports,
             "cluster": statistics.median(cluster),
-            "fixed_per_call": statistics.median(fixed),
+            "call_to_first_correlation": to_first,
         },
+        "wind_down_s": statistics.median(r["wind_down_s"] for r in first),
+        "tiny_command_s": command,
     }
 
 
@@ -348,16 +390,18 @@ def print_table(header: dict[str, Any], rows: list[dict[str, Any]], out: Any = s
     print("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()), file=out)
     print(
         "\n| case | FFT size | floor corr/s | kernel corr/s | kernel/floor (wall, cpu) "
-        "| dtm match corr/s: whole call (steady) | steady/kernel | start-up s | Leopard-EM |",
+        "| dtm match corr/s: whole call (steady) | steady/kernel | start-up s | wind-down s "
+        "| 24-orientation command s | Leopard-EM |",
         file=out,
     )
-    print("|---|---|---|---|---|---|---|---|---|", file=out)
+    print("|---|---|---|---|---|---|---|---|---|---|---|", file=out)
     for r in rows:
         match = (
             f"{r['match_per_s']:,.0f} ({r['match_steady_per_s']:,.0f}) "
-            f"| {r['steady_over_kernel']:.0%} | {r['startup_s']:.1f}"
+            f"| {r['steady_over_kernel']:.0%} | {r['startup_s']:.1f} | {r['wind_down_s']:.1f} "
+            f"| {r['tiny_command_s']:.1f}"
             if "match_per_s" in r
-            else "– | – | –"
+            else "– | – | – | – | –"
         )
         print(
             f"| {r['case']}: {r['image']}²/{r['box']}³ | {r['fft_shape'][0]}×{r['fft_shape'][1]} "

@@ -47,6 +47,7 @@ from dtm.plan import (
 from dtm.progress import Progress, format_duration
 from dtm.search import tasks
 from dtm.search.graph import search_graph, token
+from dtm.search.persist import persist
 from dtm.search.prepare import fft_shape_for
 from dtm.search.space import SearchSpace
 
@@ -238,7 +239,7 @@ def _run(
             device=device,
         )
         extra = config.match_template_result.map_paths() if config.match_template_result else None
-        root = dask.delayed(tasks.persist)(
+        root = dask.delayed(persist)(
             tree,
             space_node,
             output_dir=str(output_dir),

@@ -339,8 +339,12 @@ def _store_url(results: str | os.PathLike[str]) -> str:
 
 
 def _group_peaks(group: str | None, store: str, options: dict[str, Any]) -> pd.DataFrame:
-    """One partition: open one micrograph's group (on the worker) and pick its peaks."""
-    ds = xr.open_zarr(store, group=group, consolidated=False)
+    """One partition: open one micrograph's group (on the worker) and pick its peaks.
+
+    The maps are opened without dask chunks: reading the few picked pixels inside this task
+    must not become a graph of its own, sent back to the cluster's scheduler.
+    """
+    ds = xr.open_zarr(store, group=group, consolidated=False, chunks=None)
     return peaks_table(ds, **options)
 
 

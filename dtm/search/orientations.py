@@ -183,11 +183,15 @@ def healpix_pix2ang(nside: int) -> tuple[np.ndarray, np.ndarray]:
     sin_theta[south] = np.sqrt(tmp * (2.0 - tmp))
     phi[south] = (4 * ring + 1 - (ip - 2 * ring * (ring - 1)) - 0.5) * (0.5 * np.pi) / ring
 
-    # Near the poles acos(z) loses precision: HEALPix switches to atan2(sin θ, z) there.
-    near_pole = np.abs(z) > 0.99
-    theta = np.arccos(np.clip(z, -1.0, 1.0))
-    theta[near_pole] = np.arctan2(sin_theta[near_pole], z[near_pole])
-    return theta, phi
+    # One θ per ring (4 nside - 1 of them), from libm as in HEALPix: numpy's SIMD arccos
+    # (SVML on AVX-512 CPUs) can differ in the last bit, which would make the grid depend
+    # on the CPU. Near the poles acos(z) loses precision: HEALPix uses atan2(sin θ, z) there.
+    rings, first, inverse = np.unique(z, return_index=True, return_inverse=True)
+    ring_theta = [
+        math.atan2(sin_theta[i], z_ring) if abs(z_ring) > 0.99 else math.acos(z_ring)
+        for z_ring, i in zip(rings.tolist(), first.tolist(), strict=True)
+    ]
+    return np.array(ring_theta)[inverse], phi
 
 
 def _isqrt(values: np.ndarray) -> np.ndarray:

@@ -1,13 +1,13 @@
 """Functions that run as Dask tasks of a search (on workers, never holding global state).
 
 Each task reads only its arguments and writes only its own files, so Dask may rerun any of
-them (after a lost worker, or on resume) and get the same result.
+them (after a lost worker, or on resume) and get the same result. The last task of a
+micrograph, which writes its results, is :func:`dtm.search.persist.persist`: kept apart so
+that workers which only correlate never import xarray and zarr.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,13 +17,12 @@ import numpy as np
 from dtm.dashboard import count_correlations
 from dtm.io.atomic import write_atomic
 from dtm.io.mrc import read_micrograph, read_template
-from dtm.io.store import build_dataset, export_maps, write_dataset
 from dtm.physics.projection import PreparedTemplate, prepare_template
 from dtm.physics.resample import fourier_crop
 from dtm.search.kernel import correlate_chunk
 from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace
-from dtm.search.stats import PartialStats, finalise, merge_all
+from dtm.search.stats import PartialStats, merge_all
 
 #: Per-process copies of shared inputs on the GPU, keyed by the input's identity.
 _DEVICE_CACHE: dict[tuple[str, int], tuple[Any, Any]] = {}
@@ -132,30 +131,3 @@ def merge(*parts: PartialStats, checkpoint: str | None = None) -> PartialStats:
 def load_checkpoint(path: str) -> PartialStats:
     """Partial statistics persisted by an earlier (interrupted) run."""
     return PartialStats.load(path)
-
-
-def persist(
-    stats: PartialStats,
-    space: SearchSpace,
-    *,
-    output_dir: str,
-    group: str | None,
-    prefix: str,
-    pixel_size: float,
-    attrs: dict[str, Any],
-    extra_paths: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Finalise the maps, write the `.mrc` files and the zarr dataset; a small summary."""
-    maps = finalise(stats, space)
-    out = Path(output_dir)
-    map_paths = export_maps(
-        maps, out / "maps", pixel_size=pixel_size, prefix=prefix, extra_paths=extra_paths
-    )
-    attrs = {**attrs, "map_paths": map_paths, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    dataset = build_dataset(maps, pixel_size=pixel_size, attrs=attrs)
-    write_dataset(dataset, out / "results.zarr", group)
-    return {
-        "name": attrs["micrograph_name"],
-        "max_scaled_mip": float(np.max(maps["scaled_mip"])),
-        "pid": os.getpid(),
-    }

@@ -1,0 +1,41 @@
+"""The last task of a micrograph's search: finalise its statistics and write its results."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dtm.io.store import build_dataset, export_maps, write_dataset
+from dtm.search.space import SearchSpace
+from dtm.search.stats import PartialStats, finalise
+
+
+def persist(
+    stats: PartialStats,
+    space: SearchSpace,
+    *,
+    output_dir: str,
+    group: str | None,
+    prefix: str,
+    pixel_size: float,
+    attrs: dict[str, Any],
+    extra_paths: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Finalise the maps, write the `.mrc` files and the zarr dataset; a small summary."""
+    maps = finalise(stats, space)
+    out = Path(output_dir)
+    map_paths = export_maps(
+        maps, out / "maps", pixel_size=pixel_size, prefix=prefix, extra_paths=extra_paths
+    )
+    attrs = {**attrs, "map_paths": map_paths, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    dataset = build_dataset(maps, pixel_size=pixel_size, attrs=attrs)
+    write_dataset(dataset, out / "results.zarr", group)
+    return {
+        "name": attrs["micrograph_name"],
+        "max_scaled_mip": float(np.max(maps["scaled_mip"])),
+        "pid": os.getpid(),
+    }
