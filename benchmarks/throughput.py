@@ -256,13 +256,6 @@ def time_match(config_path: Path, client: Any = None, device: str = "cpu") -> di
     return {"wall_s": wall, "correlations": n, "per_s": n / wall}
 
 
-def time_imports() -> float:
-    """Seconds to import the package and the match program in a fresh interpreter."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import dtm.match, dtm.cli"], check=True)
-    return time.perf_counter() - start
-
-
 def time_command(config_path: Path, device: str) -> float:
     """Wall seconds of ``dtm match CONFIG --overwrite`` in a fresh process, shell to shell."""
     command = [sys.executable, "-m", "dtm.cli", "match", str(config_path), "--overwrite"]
@@ -274,8 +267,9 @@ def time_command(config_path: Path, device: str) -> float:
 def time_first_call(config_path: Path, client: Any, device: str) -> dict[str, float]:
     """The first call on a fresh cluster, split at its first and last correlate task.
 
-    ``to_first_s``: from the call to the start of the first correlate task on a worker
-    (reading and planning, worker-side imports, preparing the inputs); ``wind_down_s``:
+    ``to_first_s``: from the call to the end of the first correlate task (reading and
+    planning, worker-side imports, preparing the inputs, loading the compiled kernels: with
+    the 24-orientation search a task is one orientation, ~1 ms of work); ``wind_down_s``:
     from the end of the last correlate task to the return (merging, writing the maps, the
     zarr store and the peak tables). Worker and client clocks are the same machine's.
     """
@@ -294,19 +288,49 @@ def time_first_call(config_path: Path, client: Any, device: str) -> dict[str, fl
     ]
     return {
         **result,
-        "to_first_s": min(start for start, _ in spans) - called,
+        "to_first_s": min(stop for _, stop in spans) - called,
         "wind_down_s": returned - max(stop for _, stop in spans),
     }
+
+
+def probe_startup(config_path: Path, device: str) -> dict[str, float]:
+    """Start-up of a fresh process, as ``dtm match`` pays it (run by ``--probe-startup``).
+
+    ``imports``: from the creation of this process to ``dtm.match`` and ``dtm.cli``
+    imported; ``cluster``: the embedded cluster started with a worker; then
+    :func:`time_first_call` of the 24-orientation search on that cold cluster.
+    """
+    import psutil
+
+    born = psutil.Process().create_time()
+    import dtm.cli
+    import dtm.match  # noqa: F401
+    from dtm.cluster import connect
+    from dtm.config import ClusterConfig
+
+    imported = time.time()
+    with connect(ClusterConfig(device=device), quiet=True) as client:
+        client.wait_for_workers(1)
+        ready = time.time()
+        first = time_first_call(config_path, client, device)
+    return {"imports": imported - born, "cluster": ready - imported, **first}
+
+
+def startup_in_fresh_process(config_path: Path, device: str) -> dict[str, float]:
+    """:func:`probe_startup` in a new interpreter; its JSON is the last line it prints."""
+    command = [sys.executable, __file__, "--probe-startup", str(config_path), "--device", device]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
     """Whole-command rate, steady-state rate, start-up and wind-down of ``dtm match``.
 
     Steady state: ``ΔN / Δt`` between the full search and a 24-orientation search on the
-    same running cluster, which cancels every fixed cost. Start-up: imports (fresh
-    interpreter) + cluster start + the first call's time to its first correlate task;
-    wind-down: the first call's time after its last correlate task. ``command_s``: the
-    24-orientation search as a shell command, ``dtm match`` start to exit.
+    same running cluster, which cancels every fixed cost. Start-up and wind-down: the
+    24-orientation search in a fresh process (:func:`probe_startup`): from the creation of
+    the process to the end of the first correlate task, and from the last one to the
+    return. ``tiny_command_s``: the same search as a shell command, start to exit.
     """
     from dtm.cluster import connect
     from dtm.config import ClusterConfig
@@ -319,33 +343,34 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
             orientation_search_config={"psi_step": 90.0, "theta_step": 90.0},
         )
         whole = [time_match(full, device=device) for _ in range(repeats)]
-        steady, first, cluster = [], [], []
+        steady = []
         for _ in range(repeats):
-            start = time.perf_counter()
             with connect(ClusterConfig(device=device), quiet=True) as client:
                 client.wait_for_workers(1)
-                cluster.append(time.perf_counter() - start)
-                small = time_first_call(tiny, client, device)
-                big = time_match(full, client, device)
-            first.append(small)
+                small, big = time_match(tiny, client, device), time_match(full, client, device)
             steady.append(
                 (big["correlations"] - small["correlations"]) / (big["wall_s"] - small["wall_s"])
             )
+        fresh = [startup_in_fresh_process(tiny, device) for _ in range(repeats)]
         command = statistics.median(time_command(tiny, device) for _ in range(repeats))
-    imports = statistics.median(time_imports() for _ in range(3))
-    to_first = statistics.median(r["to_first_s"] for r in first)
+    parts = {
+        name: statistics.median(r[key] for r in fresh)
+        for name, key in [
+            ("imports", "imports"),
+            ("cluster", "cluster"),
+            ("call_to_first_correlation", "to_first_s"),
+        ]
+    }
     return {
         "match_correlations": int(whole[0]["correlations"]),
         "match_wall_s": statistics.median(r["wall_s"] for r in whole),
         "match_per_s": statistics.median(r["per_s"] for r in whole),
         "match_steady_per_s": statistics.median(steady),
-        "startup_s": imports + statistics.median(cluster) + to_first,
-        "startup_parts_s": {
-            "imports": imports,
-            "cluster": statistics.median(cluster),
-            "call_to_first_correlation": to_first,
-        },
-        "wind_down_s": statistics.median(r["wind_down_s"] for r in first),
+        "startup_s": statistics.median(
+            r["imports"] + r["cluster"] + r["to_first_s"] for r in fresh
+        ),
+        "startup_parts_s": parts,
+        "wind_down_s": statistics.median(r["wind_down_s"] for r in fresh),
         "tiny_command_s": command,
     }
 
@@ -419,7 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--no-match", action="store_true", help="skip the whole dtm match")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--probe-startup", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe_startup:
+        print(json.dumps(probe_startup(args.probe_startup, args.device)))
+        return 0
     header = machine_header()
     rows = []
     for name in args.cases.split(","):

@@ -4,7 +4,8 @@ For a batch of orientations the kernel extracts central slices of the template s
 applies every defocus plane's filter, returns to real space to subtract the box's edge mean
 and normalise (SPEC §2), then correlates the maps with the micrograph a few at a time:
 forward transform of the zero-padded projection (only its ``h`` non-zero rows along x),
-transforms along y in reused buffers (on the CPU with the columns stored contiguously),
+transforms along y in reused buffers (on the CPU in whichever of two layouts is faster on
+this machine),
 product with the micrograph spectrum, inverse transform (only the map's rows along x), and
 a fused one-pass update of the running statistics. The same code runs on
 numpy and cupy arrays; where it costs time against the FFT floor is measured in
@@ -16,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,6 +47,8 @@ GPU_FFT_BATCH_BYTES = 1 << 30
 _THREAD_BUFFERS = threading.local()
 #: Complex values added to each row of the transposed buffer (one 64-byte cache line).
 _ROW_PAD = 8
+#: Per process: the faster CPU layout of the transforms along y for each problem shape.
+_CPU_LAYOUT: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
 
 #: glibc ``mallopt`` parameters: M_TRIM_THRESHOLD and M_MMAP_THRESHOLD.
@@ -150,17 +155,42 @@ def _correlate_maps(
     hm, wm = image.out_shape
     w = image.box_shape[1]
     rows = fft.rfft(projections[:, ::-1, ::-1], n=fx, axis=-1, **options)
-    along_y = _along_y_transposed if xp is np else _along_y_strided
+    along_y = _cpu_layout(image, rows, options) if xp is np else _along_y_strided
     spectra = along_y(image, rows, options)
     maps = fft.irfft(spectra, n=fx, axis=-1, **options)
     update(stats, maps[:, :, w - 1 : w - 1 + wm], first_index)
+
+
+def _cpu_layout(image: ImageInputs, rows: np.ndarray, options: dict) -> Callable[..., Any]:
+    """The faster of the two CPU layouts for this problem shape, timed once per process.
+
+    Both give bit-identical maps (tested), so the choice changes only the speed, which
+    depends on the CPU: on 2 EPYC cores (512 KiB L2) the transposed layout was 13 % faster
+    at 512², on 2 Xeon cores (2 MiB L2, AVX-512) the strided one 9 % (docs/performance.md).
+    The best of three runs of each on the first batch decides; the loser's buffer is freed.
+    """
+    key = (image.fft_shape, image.box_shape, image.out_shape)
+    layout = _CPU_LAYOUT.get(key)
+    if layout is None:
+        best: dict[Callable[..., Any], float] = {}
+        for _ in range(3):
+            for candidate in (_along_y_transposed, _along_y_strided):
+                start = time.perf_counter()
+                candidate(image, rows, options)
+                elapsed = time.perf_counter() - start
+                best[candidate] = min(best.get(candidate, elapsed), elapsed)
+        layout = _CPU_LAYOUT[key] = min(best, key=best.__getitem__)
+        unused = ("padded",) if layout is _along_y_transposed else ("columns", "map rows")
+        for name in unused:
+            _THREAD_BUFFERS.__dict__.get("by_name", {}).pop(name, None)
+    return layout
 
 
 def _along_y_strided(image: ImageInputs, rows: Any, options: dict) -> Any:
     """Zero-pad, transform along y, × micrograph, inverse along y: the map's ``Hm`` rows.
 
     The transforms run along the strided axis of a reused ``(m, Fy, Fx // 2 + 1)`` buffer,
-    as batched cuFFT prefers. Returns a view ``(m, Hm, Fx // 2 + 1)``.
+    as batched cuFFT prefers (and some CPUs). Returns a view ``(m, Hm, Fx // 2 + 1)``.
     """
     xp = get_xp(rows)
     fft = get_fft(xp)
@@ -177,14 +207,15 @@ def _along_y_strided(image: ImageInputs, rows: Any, options: dict) -> Any:
 
 
 def _along_y_transposed(image: ImageInputs, rows: Any, options: dict) -> Any:
-    """As :func:`_along_y_strided`, on columns stored contiguously (the CPU's layout).
+    """As :func:`_along_y_strided`, on columns stored contiguously (a CPU layout).
 
     pocketfft along a strided axis gathers a few columns at a time and reads each cache
     line twice; with the columns contiguous the transforms along y cost half as much, which
-    pays for the two transposes (measured: ``docs/performance.md``). The transposed
-    buffer's rows are padded by one cache line so that its stride is never a power of two
-    (4 KiB strides alias in the cache and made the transpose back 5× slower). Returns a
-    contiguous ``(m, Hm, Fx // 2 + 1)`` array, reused by the next batch of this thread.
+    pays for the two transposes on CPUs with small caches (``docs/performance.md``). The
+    transposed buffer's rows are padded by one cache line so that its stride is never a
+    power of two (4 KiB strides alias in the cache and made the transpose back 5× slower).
+    Returns a contiguous ``(m, Hm, Fx // 2 + 1)`` array, reused by the next batch of this
+    thread.
     """
     fy, fxh = image.fft_shape[0], image.fft_shape[1] // 2 + 1
     h, hm = image.box_shape[0], image.out_shape[0]
