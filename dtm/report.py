@@ -33,7 +33,8 @@ from scipy.special import log_ndtr  # noqa: E402
 
 from dtm.errors import OutputError  # noqa: E402
 from dtm.io.results import MicrographResults, open_micrographs, output_directory, read_peaks  # noqa: E402
-from dtm.peaks import _search_region, threshold  # noqa: E402
+from dtm.peaks import _search_region  # noqa: E402
+from dtm.picking import threshold  # noqa: E402
 
 #: Columns of the peak table shown in the report.
 TABLE_COLUMNS = [

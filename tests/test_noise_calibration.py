@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtm.peaks import default_min_distance, pick_peaks, threshold
 from dtm.physics.projection import prepare_template
+from dtm.picking import default_min_distance, pick_peaks, threshold
 from dtm.search.kernel import correlate_chunk
 from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import Optics, prepare_image

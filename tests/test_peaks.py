@@ -15,15 +15,8 @@ import xarray as xr
 from scipy.spatial import cKDTree
 
 from dtm.errors import ConfigError, InputError
-from dtm.peaks import (
-    PEAK_COLUMNS,
-    default_min_distance,
-    peaks_dataframe,
-    peaks_table,
-    pick_peaks,
-    repick,
-    threshold,
-)
+from dtm.peaks import PEAK_COLUMNS, peaks_dataframe, peaks_table, repick
+from dtm.picking import default_min_distance, pick_peaks, threshold
 
 # Typed from the seed document (seed-data-formats.md), in its order, with its types.
 SEED_COLUMNS = [

@@ -19,7 +19,7 @@ from synthetic_results import write_results
 from dtm.errors import InputError
 from dtm.io.results import open_micrographs
 from dtm.io.tables import read_table
-from dtm.peaks import threshold
+from dtm.picking import threshold
 from dtm.report import expected_survival, report_threshold, survival_curves, write_report
 
 
