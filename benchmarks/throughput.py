@@ -274,6 +274,7 @@ def time_first_call(config_path: Path, client: Any, device: str) -> dict[str, fl
     zarr store and the peak tables). Worker and client clocks are the same machine's.
     """
     import distributed
+    from dask.utils import key_split
 
     with distributed.get_task_stream(client) as stream:
         called = time.time()
@@ -282,7 +283,7 @@ def time_first_call(config_path: Path, client: Any, device: str) -> dict[str, fl
     spans = [
         (span["start"], span["stop"])
         for record in stream.data
-        if str(record["key"]).split("-")[0].strip("('") == "correlate"
+        if key_split(record["key"]) == "correlate"
         for span in record["startstops"]
         if span["action"] == "compute"
     ]
@@ -353,14 +354,6 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
             )
         fresh = [startup_in_fresh_process(tiny, device) for _ in range(repeats)]
         command = statistics.median(time_command(tiny, device) for _ in range(repeats))
-    parts = {
-        name: statistics.median(r[key] for r in fresh)
-        for name, key in [
-            ("imports", "imports"),
-            ("cluster", "cluster"),
-            ("call_to_first_correlation", "to_first_s"),
-        ]
-    }
     return {
         "match_correlations": int(whole[0]["correlations"]),
         "match_wall_s": statistics.median(r["wall_s"] for r in whole),
@@ -369,7 +362,11 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
         "startup_s": statistics.median(
             r["imports"] + r["cluster"] + r["to_first_s"] for r in fresh
         ),
-        "startup_parts_s": parts,
+        "startup_parts_s": {
+            "imports": statistics.median(r["imports"] for r in fresh),
+            "cluster": statistics.median(r["cluster"] for r in fresh),
+            "call_to_first_correlation": statistics.median(r["to_first_s"] for r in fresh),
+        },
         "wind_down_s": statistics.median(r["wind_down_s"] for r in fresh),
         "tiny_command_s": command,
     }

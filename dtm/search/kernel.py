@@ -5,9 +5,8 @@ applies every defocus plane's filter, returns to real space to subtract the box'
 and normalise (SPEC §2), then correlates the maps with the micrograph a few at a time:
 forward transform of the zero-padded projection (only its ``h`` non-zero rows along x),
 transforms along y in reused buffers (on the CPU in whichever of two layouts is faster on
-this machine),
-product with the micrograph spectrum, inverse transform (only the map's rows along x), and
-a fused one-pass update of the running statistics. The same code runs on
+this machine), product with the micrograph spectrum, inverse transform (only the map's rows
+along x), and a fused one-pass update of the running statistics. The same code runs on
 numpy and cupy arrays; where it costs time against the FFT floor is measured in
 ``docs/performance.md``.
 """
