@@ -446,10 +446,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_startup:
         print(json.dumps(probe_startup(args.probe_startup, args.device)))
         return 0
+    names = [name.strip().upper() for name in args.cases.split(",")]
+    unknown = [name for name in names if name not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
+    if args.device == "gpu":
+        from dtm.cluster import gpu_unavailable_reason
+
+        reason = gpu_unavailable_reason()
+        if reason is not None:
+            parser.error(f"--device gpu: no working CUDA GPU ({reason})")
     header = machine_header()
     rows = []
-    for name in args.cases.split(","):
-        case = CASES[name.strip().upper()]
+    for name in names:
+        case = CASES[name]
         if case.gpu_only and args.device != "gpu":
             print(f"case {case.name}: GPU only (use --device gpu)", file=sys.stderr)
             continue
