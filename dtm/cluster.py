@@ -16,28 +16,43 @@ overrides) into a :class:`distributed.Client`, and closes whatever it started on
     a ``dask-cuda`` :class:`LocalCUDACluster`, one worker per GPU (``dtm[gpu]``); also chosen
     by ``device: gpu`` with the default kind.
 
-Optional dependencies are imported only when their kind is chosen.
-
-Threads: each worker process runs ``threads_per_worker`` tasks at once. Worker processes
-started by ``distributed`` (nannies) set ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
-``OPENBLAS_NUM_THREADS`` to 1 (``distributed.nanny.pre-spawn-environ``), so BLAS does not
-oversubscribe the cores; the search kernel passes ``workers=`` to :mod:`scipy.fft`
-explicitly rather than relying on a global default. Hence the default of one
-single-threaded worker per core.
+How each kind is started: :mod:`dtm.deployments`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtm.errors import ClusterError, ConfigError
+from dtm.deployments import (
+    default_local_workers,
+    gpu_unavailable_reason,
+    jobqueue_cluster,
+    kubernetes_cluster_spec,
+    setting,
+    start_cluster,
+)
+from dtm.errors import ClusterError
+
+# Re-exported: the cluster API users reach through dtm.cluster.
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "connect",
+    "dashboard_link",
+    "default_local_workers",
+    "ensure_workers",
+    "gpu_unavailable_reason",
+    "jobqueue_cluster",
+    "kubernetes_cluster_spec",
+    "resolve_kind",
+    "session",
+    "worker_count",
+    "worker_threads",
+]
 
 if TYPE_CHECKING:
     import distributed
@@ -46,46 +61,6 @@ if TYPE_CHECKING:
 
 #: Seconds to wait for a scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 10.0
-
-#: Extra that provides the optional dependency of each deployment kind.
-_EXTRAS = {
-    "slurm": ("dask_jobqueue", "dask-jobqueue", "slurm"),
-    "pbs": ("dask_jobqueue", "dask-jobqueue", "pbs"),
-    "kubernetes": ("dask_kubernetes.operator", "dask-kubernetes", "kubernetes"),
-    "gpu-local": ("dask_cuda", "dask-cuda", "gpu"),
-}
-
-
-def available_cpus() -> int:
-    """Number of CPU cores this process may run on (affinity mask, e.g. a Slurm allocation)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def default_local_workers() -> tuple[int, int]:
-    """Default size of the embedded cluster: ``(n_workers, threads_per_worker)``.
-
-    One single-threaded worker process per available core: the kernel's FFTs release the
-    GIL but processes avoid any contention in the pure-Python parts.
-    """
-    return available_cpus(), 1
-
-
-def _get(cluster: ClusterConfig | None, name: str, default: Any = None) -> Any:
-    value = getattr(cluster, name, default) if cluster is not None else default
-    return default if value is None else value
-
-
-def _import_extra(kind: str) -> Any:
-    module, package, extra = _EXTRAS[kind]
-    try:
-        return __import__(module, fromlist=["_"])
-    except ImportError as error:
-        raise ClusterError(
-            f"kind {kind} needs {package}: pip install 'dtm[{extra}]' ({error})"
-        ) from None
 
 
 def resolve_kind(
@@ -98,10 +73,10 @@ def resolve_kind(
     An address (from the command line or the config) means ``address``; ``device: gpu`` with
     the default ``local`` kind means ``gpu-local``.
     """
-    if scheduler_address or _get(cluster, "scheduler_address"):
+    if scheduler_address or setting(cluster, "scheduler_address"):
         return "address"
-    kind = str(_get(cluster, "kind", "local"))
-    if kind == "local" and (device or _get(cluster, "device", "cpu")) == "gpu":
+    kind = str(setting(cluster, "kind", "local"))
+    if kind == "local" and (device or setting(cluster, "device", "cpu")) == "gpu":
         return "gpu-local"
     return kind
 
@@ -141,22 +116,6 @@ def ensure_workers(client: distributed.Client, n: int = 1, timeout: float = 60) 
         ) from None
 
 
-def _free_dashboard_address(address: str | None) -> str | None:
-    """``address`` if its port is free, else ``":0"`` (a random port), so that a second run on
-    the same machine still gets a dashboard without distributed's warning."""
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    if not port.isdigit() or int(port) == 0:
-        return address  # a random port already, or for distributed to judge
-    with socket.socket() as probe:
-        try:
-            probe.bind((host.strip("[]") or "", int(port)))
-        except OSError:
-            return f"{host}:0"
-    return address
-
-
 def _scheduler_address(address: str) -> str:
     """The address itself, or the one written in a ``dask scheduler --scheduler-file``."""
     path = Path(address)
@@ -193,121 +152,6 @@ def _connect_address(address: str, timeout: float) -> distributed.Client:
     except (OSError, TimeoutError, ValueError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ClusterError(f"scheduler {address}: cannot connect ({message})") from None
-
-
-def _local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
-    import distributed
-
-    default_workers, default_threads = default_local_workers()
-    return distributed.LocalCluster(
-        n_workers=n_workers or _get(cluster, "n_workers", default_workers),
-        threads_per_worker=_get(cluster, "threads_per_worker", default_threads),
-        processes=True,
-        memory_limit=_get(cluster, "memory_limit", "auto"),
-        dashboard_address=_free_dashboard_address(_get(cluster, "dashboard_address", ":8787")),
-        silence_logs=logging.ERROR,
-    )
-
-
-def gpu_unavailable_reason() -> str | None:
-    """Why no CUDA GPU can be used from this process, or ``None`` when cupy sees one."""
-    try:
-        import cupy
-
-        if not cupy.cuda.is_available():
-            return "cupy.cuda.is_available() is False"
-    except Exception as error:  # ImportError, or a CUDA driver/runtime error
-        return f"{type(error).__name__}: {error}".splitlines()[0]
-    return None
-
-
-def _gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
-    reason = gpu_unavailable_reason()
-    if reason is not None:
-        raise ClusterError(f"device gpu: no working CUDA GPU ({reason})")
-    dask_cuda = _import_extra("gpu-local")
-    return dask_cuda.LocalCUDACluster(
-        n_workers=n_workers or _get(cluster, "n_workers"),
-        threads_per_worker=_get(cluster, "threads_per_worker", 1),
-        memory_limit=_get(cluster, "memory_limit", "auto"),
-        CUDA_VISIBLE_DEVICES=_get(cluster, "cuda_visible_devices"),
-        dashboard_address=_free_dashboard_address(_get(cluster, "dashboard_address", ":8787")),
-        silence_logs=logging.ERROR,
-    )
-
-
-def jobqueue_cluster(cluster: ClusterConfig | None, device: str | None = None) -> Any:
-    """A ``dask-jobqueue`` ``SLURMCluster`` or ``PBSCluster`` for ``cluster.kind``, not scaled.
-
-    Its scheduler runs in this process; ``cluster.job_script()`` shows the batch script that
-    each job will run. With GPUs (``gpus_per_job`` > 0 or ``device: gpu``) every job asks for
-    ``gpus_per_job`` GPUs (Slurm ``--gres=gpu:N``, PBS ``ngpus=N``) and runs
-    ``dask cuda worker``, one worker process per GPU, each with ``cores / N`` threads and
-    ``memory / N`` of host memory.
-
-    Raises
-    ------
-    ConfigError
-        If ``cores`` or ``memory`` (per job) is missing.
-    ClusterError
-        If ``dask-jobqueue`` is not installed.
-    """
-    kind = str(_get(cluster, "kind"))
-    jobqueue = _import_extra(kind)
-    for field in ("cores", "memory"):
-        if _get(cluster, field) is None:
-            raise ConfigError(f"cluster.{field}: required for kind {kind} (per job)")
-    cores, memory = int(_get(cluster, "cores")), str(_get(cluster, "memory"))
-    gpus = int(_get(cluster, "gpus_per_job", 0))
-    if gpus == 0 and (device or _get(cluster, "device", "cpu")) == "gpu":
-        gpus = 1
-    directives = list(_get(cluster, "job_extra_directives", []))
-    options: dict[str, Any] = {
-        "queue": _get(cluster, "queue"),
-        "account": _get(cluster, "account"),
-        "walltime": _get(cluster, "walltime"),
-        "cores": cores,
-        "memory": memory,
-        "processes": gpus or int(_get(cluster, "processes", 1)),
-        "local_directory": _get(cluster, "local_directory"),
-        "scheduler_options": {
-            "dashboard_address": _free_dashboard_address(
-                _get(cluster, "dashboard_address", ":8787")
-            )
-        },
-        "job_name": "dtm-worker",
-    }
-    if gpus:
-        options["worker_command"] = "dask cuda worker"  # run as `python -m dask cuda worker`
-        if kind == "slurm" and not any("gres" in d or "gpus" in d for d in directives):
-            directives.append(f"--gres=gpu:{gpus}")
-        if kind == "pbs":
-            from dask.utils import parse_bytes
-            from dask_jobqueue.pbs import pbs_format_bytes_ceil
-
-            pbs_memory = pbs_format_bytes_ceil(parse_bytes(memory))
-            options["resource_spec"] = f"select=1:ncpus={cores}:ngpus={gpus}:mem={pbs_memory}"
-    options["job_extra_directives"] = directives
-    cls = jobqueue.SLURMCluster if kind == "slurm" else jobqueue.PBSCluster
-    return cls(**{key: value for key, value in options.items() if value is not None})
-
-
-def _kubernetes_cluster(
-    cluster: ClusterConfig | None, n_workers: int | None, device: str | None
-) -> Any:
-    operator = _import_extra("kubernetes")
-    image = _get(cluster, "image")
-    if image is None:
-        raise ConfigError("cluster.image: required for kind kubernetes (an image with dtm)")
-    gpu = (device or _get(cluster, "device", "cpu")) == "gpu"
-    return operator.KubeCluster(
-        name=_get(cluster, "name", "dtm"),
-        image=image,
-        n_workers=n_workers or _get(cluster, "n_workers", 2),
-        resources=_get(cluster, "resources", {}),
-        namespace=_get(cluster, "namespace"),
-        worker_command="dask cuda worker" if gpu else "dask worker",
-    )
 
 
 @contextlib.contextmanager
@@ -353,23 +197,11 @@ def connect(
     kind = resolve_kind(cluster, scheduler_address, device)
     with contextlib.ExitStack() as stack:
         if kind == "address":
-            address = scheduler_address or str(_get(cluster, "scheduler_address"))
+            address = scheduler_address or str(setting(cluster, "scheduler_address"))
             client = stack.enter_context(_connect_address(address, CONNECT_TIMEOUT_S))
             summary = f"scheduler {client.scheduler.address}"
         else:
-            if kind == "local":
-                started = _local_cluster(cluster, n_workers)
-            elif kind == "gpu-local":
-                started = _gpu_local_cluster(cluster, n_workers)
-            elif kind in ("slurm", "pbs"):
-                started = jobqueue_cluster(cluster, device)
-            elif kind == "kubernetes":
-                started = _kubernetes_cluster(cluster, n_workers, device)
-            else:
-                raise ConfigError(f"cluster.kind: unknown kind {kind!r}")
-            stack.enter_context(started)
-            if kind in ("slurm", "pbs"):
-                _scale_jobs(started, cluster, n_workers)
+            started = stack.enter_context(start_cluster(kind, cluster, n_workers, device))
             client = stack.enter_context(distributed.Client(started))
             summary = f"{kind} cluster"
         if not quiet:
@@ -380,15 +212,6 @@ def connect(
                 flush=True,
             )
         yield client
-
-
-def _scale_jobs(started: Any, cluster: ClusterConfig | None, n_jobs: int | None) -> None:
-    """Fixed number of jobs, or adaptive between ``adapt_minimum`` and ``adapt_maximum``."""
-    maximum = _get(cluster, "adapt_maximum")
-    if maximum is not None and n_jobs is None:
-        started.adapt(minimum_jobs=int(_get(cluster, "adapt_minimum", 0)), maximum_jobs=maximum)
-    else:
-        started.scale(jobs=n_jobs or int(_get(cluster, "n_jobs", 1)))
 
 
 @contextlib.contextmanager

@@ -15,13 +15,12 @@ from dtm.cluster import (
     dashboard_link,
     ensure_workers,
     gpu_unavailable_reason,
-    jobqueue_cluster,
     resolve_kind,
     worker_count,
     worker_threads,
 )
 from dtm.config import ClusterConfig
-from dtm.errors import ClusterError, ConfigError, DtmError
+from dtm.errors import ClusterError, DtmError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -128,79 +127,6 @@ def test_missing_optional_dependency_names_the_extra(monkeypatch, kind, module, 
     ):
         with connect(config):
             pass
-
-
-def _jobqueue_installed() -> bool:
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _job_script(config: ClusterConfig) -> str:
-    cluster = jobqueue_cluster(config)
-    try:
-        return str(cluster.job_script())
-    finally:
-        cluster.close()
-
-
-SLURM_GPU = dict(
-    kind="slurm",
-    queue="gpu-a100",
-    account="cryoem42",
-    walltime="02:30:00",
-    cores=8,
-    memory="64GB",
-    gpus_per_job=2,
-    job_extra_directives=["--constraint=a100"],
-    local_directory="/scratch/dtm",
-    dashboard_address=":0",
-)
-
-
-def test_slurm_job_script_has_the_configured_directives():
-    config = ClusterConfig(**SLURM_GPU)
-    if not _jobqueue_installed():  # then the kind must say which extra to install
-        with pytest.raises(ClusterError, match=r"pip install 'dtm\[slurm\]'"):
-            jobqueue_cluster(config)
-        return
-    lines = _job_script(config).splitlines()
-    for directive in (
-        "-p gpu-a100",
-        "-A cryoem42",
-        "-t 02:30:00",
-        "--cpus-per-task=8",
-        "--gres=gpu:2",
-        "--constraint=a100",
-    ):
-        assert f"#SBATCH {directive}" in lines
-    command = lines[-1]
-    assert " -m dask cuda worker " in command  # one dask-cuda worker per GPU
-    assert "--nthreads 4" in command and "--local-directory /scratch/dtm" in command
-
-
-def test_pbs_job_script_has_the_configured_directives():
-    config = ClusterConfig(**{**SLURM_GPU, "kind": "pbs", "job_extra_directives": []})
-    if not _jobqueue_installed():
-        with pytest.raises(ClusterError, match=r"pip install 'dtm\[pbs\]'"):
-            jobqueue_cluster(config)
-        return
-    lines = _job_script(config).splitlines()
-    for directive in ("-q gpu-a100", "-A cryoem42", "-l walltime=02:30:00"):
-        assert f"#PBS {directive}" in lines
-    assert any(line.startswith("#PBS -l select=1:ncpus=8:ngpus=2:mem=") for line in lines)
-    cpu_config = ClusterConfig(**{**SLURM_GPU, "kind": "pbs", "gpus_per_job": 0})
-    command = _job_script(cpu_config).splitlines()[-1]
-    assert "distributed.cli.dask_worker" in command and "--nthreads 8" in command
-
-
-def test_jobqueue_needs_cores_and_memory():
-    config = ClusterConfig(kind="slurm", memory="4GB")
-    expected = (ConfigError, "cluster.cores") if _jobqueue_installed() else (ClusterError, "")
-    with pytest.raises(expected[0], match=expected[1]):
-        jobqueue_cluster(config)
 
 
 def test_gpu_local_needs_a_working_gpu():

@@ -77,6 +77,29 @@ def test_cuda_update_is_bit_identical_to_reference():
     np.testing.assert_array_equal(device.total_sq.get(), host.total_sq)
 
 
+def test_cuda_update_refuses_arrays_it_would_read_out_of_bounds():
+    import cupy
+
+    maps = cupy.ones((3, 8, 10), dtype=cupy.float32)
+    good = PartialStats.empty((8, 10), cupy)
+    state = [good.mip, good.best_index, good.total, good.total_sq]
+    wrong = {
+        "shape": PartialStats.empty((8, 9), cupy).mip,
+        "dtype": good.mip.astype(cupy.float64),
+        "host array": good.mip.get(),
+        "not contiguous": cupy.ones((10, 8), dtype=cupy.float32).T,
+    }
+    for bad in wrong.values():
+        assert not fused.cuda_update(maps, 0, bad, *state[1:])
+    narrow = PartialStats.empty((8, 5), cupy)
+    strided = maps[:, :, ::2]  # the kernel needs unit steps along a row
+    assert not fused.cuda_update(
+        strided, 0, narrow.mip, narrow.best_index, narrow.total, narrow.total_sq
+    )
+    assert fused.cuda_update(maps, 0, *state)
+    assert float(good.total.sum()) == 3 * 80
+
+
 def test_fourier_crop_on_gpu_matches_cpu(volume):
     import cupy
 

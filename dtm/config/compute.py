@@ -98,7 +98,8 @@ class ClusterConfig(_Model):
     image: str | None = None
     """Container image of the workers (kubernetes)."""
     resources: dict[str, Any] | None = None
-    """Worker resources, e.g. {limits: {cpu: '2', memory: 8G}} (kubernetes)."""
+    """Worker pod resources, e.g. {limits: {cpu: '2', memory: 8G}} (kubernetes; default
+    with device gpu: {limits: {nvidia.com/gpu: 1}})."""
     namespace: str | None = None
     """Namespace (kubernetes)."""
     _check_adapt = _ordered("adapt_minimum", "adapt_maximum")

@@ -94,7 +94,7 @@ def fourier_crop(
         spectrum = xp.take(spectrum, keep, axis=axis)
     spectrum = spectrum[..., : new_shape[-1] // 2 + 1]
     # numpy's inverse divides by the number of samples: rescale so the values, not the
-    # sums, are preserved.
-    scale = np.prod(new_shape) / np.prod(shape)
-    cropped = fft.irfftn(spectrum * scale, s=new_shape).astype(np.float32)
+    # sums, are preserved. A Python float keeps the transform in single precision.
+    scale = float(np.prod(new_shape) / np.prod(shape))
+    cropped = fft.irfftn(spectrum * scale, s=new_shape).astype(np.float32, copy=False)
     return cropped, float(pixel_size * shape[0] / new_shape[0])

@@ -218,8 +218,10 @@ def cuda_update(
 ) -> bool:
     """Fold ``(n, Hm, Wm)`` float32 cupy maps into the statistics with one kernel launch.
 
-    Returns ``False`` (nothing done) when the layout does not suit the kernel: maps whose
-    last axis is not contiguous, or statistics arrays that are not C-contiguous.
+    Returns ``False`` (nothing done) when the arrays do not suit the kernel, which reads
+    them without bounds checks: maps whose last axis is not contiguous, statistics arrays
+    that are not C-contiguous cupy arrays of the map's shape and of the dtypes of
+    :class:`~dtm.search.stats.PartialStats`.
     """
     import cupy  # noqa: PLC0415 (optional dependency, GPU only)
 
@@ -229,7 +231,14 @@ def cuda_update(
     n, height, width = (int(s) for s in correlations.shape)
     stride_map, stride_row, stride_col = (int(s) // item for s in correlations.strides)
     state = (mip, best_index, total, total_sq)
-    if stride_col != 1 or not all(a.flags.c_contiguous for a in state):
+    dtypes = (np.float32, np.int64, np.float64, np.float64)
+    if stride_col != 1 or not all(
+        isinstance(a, cupy.ndarray)
+        and a.dtype == dtype
+        and a.shape == (height, width)
+        and a.flags.c_contiguous
+        for a, dtype in zip(state, dtypes, strict=True)
+    ):
         return False
     size = height * width
     grid = (-(-size // _CUDA_BLOCK),)

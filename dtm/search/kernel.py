@@ -38,7 +38,9 @@ PROJECTION_BYTES = 32 << 20
 #: (measured on 2 EPYC cores: larger batches fall out of cache, smaller ones pay the
 #: statistics update's per-call traffic; ``docs/performance.md``).
 FFT_BATCH_BYTES = 5 << 20
-#: On a GPU, batches large enough to keep cuFFT busy (16 maps at 4096²; not measured here).
+#: On a GPU, batches large enough to keep cuFFT busy (16 maps at 4096²; not measured here),
+#: at most a sixteenth of the device's memory: a running task holds about five batches
+#: (the buffer, cuFFT's contiguous copies of its strided input, the maps).
 GPU_FFT_BATCH_BYTES = 1 << 30
 
 
@@ -133,7 +135,20 @@ def maps_per_fft(fft_shape: tuple[int, int], on_gpu: bool = False) -> int:
     with the micrograph and the statistics update (measured: ``benchmarks/throughput.py``).
     """
     per_map = fft_shape[0] * (fft_shape[1] // 2 + 1) * 8
-    return max(1, (GPU_FFT_BATCH_BYTES if on_gpu else FFT_BATCH_BYTES) // per_map)
+    return max(1, (_gpu_batch_bytes() if on_gpu else FFT_BATCH_BYTES) // per_map)
+
+
+@functools.cache
+def _gpu_batch_bytes() -> int:
+    """``GPU_FFT_BATCH_BYTES`` within a sixteenth of this process's GPU memory.
+
+    From the total, not the free memory, so that a device's batches (and with them the
+    maps' bits, should cuFFT's algorithm depend on the batch) never depend on what else
+    holds memory at the time.
+    """
+    import cupy  # noqa: PLC0415 (optional dependency, GPU only)
+
+    return min(GPU_FFT_BATCH_BYTES, int(cupy.cuda.runtime.memGetInfo()[1]) // 16)
 
 
 def _correlate_maps(

@@ -1,0 +1,282 @@
+"""Start each kind of Dask cluster a search can run on, from the ``cluster:`` section.
+
+``local``: an embedded :class:`distributed.LocalCluster` of worker processes sized to the
+machine; ``gpu-local``: a ``dask-cuda`` :class:`LocalCUDACluster`, one worker per GPU;
+``slurm`` / ``pbs``: ``dask-jobqueue`` batch jobs; ``kubernetes``: a ``DaskCluster``
+created through the ``dask-kubernetes`` operator. Their optional dependencies are imported
+only when their kind is started (:func:`import_extra` names the extra to install).
+:func:`dtm.cluster.connect` chooses the kind and closes what it started.
+
+Threads: each worker process runs ``threads_per_worker`` tasks at once. Worker processes
+started by ``distributed`` (nannies) set ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and
+``OPENBLAS_NUM_THREADS`` to 1 (``distributed.nanny.pre-spawn-environ``), so BLAS does not
+oversubscribe the cores; the search kernel passes ``workers=`` to :mod:`scipy.fft`
+explicitly rather than relying on a global default. Hence the default of one
+single-threaded worker per core. GPU workers have one thread each.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from dtm.errors import ClusterError, ConfigError
+
+if TYPE_CHECKING:
+    from dtm.config import ClusterConfig
+
+#: Extra that provides the optional dependency of each deployment kind.
+_EXTRAS = {
+    "slurm": ("dask_jobqueue", "dask-jobqueue", "slurm"),
+    "pbs": ("dask_jobqueue", "dask-jobqueue", "pbs"),
+    "kubernetes": ("dask_kubernetes.operator", "dask-kubernetes", "kubernetes"),
+    "gpu-local": ("dask_cuda", "dask-cuda", "gpu"),
+}
+
+
+def available_cpus() -> int:
+    """Number of CPU cores this process may run on (affinity mask, e.g. a Slurm allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_local_workers() -> tuple[int, int]:
+    """Default size of the embedded cluster: ``(n_workers, threads_per_worker)``.
+
+    One single-threaded worker process per available core: the kernel's FFTs release the
+    GIL but processes avoid any contention in the pure-Python parts.
+    """
+    return available_cpus(), 1
+
+
+def setting(cluster: ClusterConfig | None, name: str, default: Any = None) -> Any:
+    value = getattr(cluster, name, default) if cluster is not None else default
+    return default if value is None else value
+
+
+def import_extra(kind: str) -> Any:
+    module, package, extra = _EXTRAS[kind]
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError as error:
+        raise ClusterError(
+            f"kind {kind} needs {package}: pip install 'dtm[{extra}]' ({error})"
+        ) from None
+
+
+def free_dashboard_address(address: str | None) -> str | None:
+    """``address`` if its port is free, else ``":0"`` (a random port), so that a second run on
+    the same machine still gets a dashboard without distributed's warning."""
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return address  # a random port already, or for distributed to judge
+    with socket.socket() as probe:
+        try:
+            probe.bind((host.strip("[]") or "", int(port)))
+        except OSError:
+            return f"{host}:0"
+    return address
+
+
+def local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
+    import distributed
+
+    default_workers, default_threads = default_local_workers()
+    return distributed.LocalCluster(
+        n_workers=n_workers or setting(cluster, "n_workers", default_workers),
+        threads_per_worker=setting(cluster, "threads_per_worker", default_threads),
+        processes=True,
+        memory_limit=setting(cluster, "memory_limit", "auto"),
+        dashboard_address=free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
+        silence_logs=logging.ERROR,
+    )
+
+
+@functools.cache
+def gpu_unavailable_reason() -> str | None:
+    """Why no CUDA GPU can be used from this process, or ``None`` when the search runs on one.
+
+    Beyond ``cupy.cuda.is_available()`` (which only counts devices), one tiny cuFFT
+    transform and the statistics kernel (compiled by NVRTC) run, so that a driver without
+    the CUDA libraries fails here, in one line, rather than in the first task of a search.
+    Checked once per process.
+    """
+    try:
+        import cupy
+        import cupyx.scipy.fft
+
+        from dtm.search.stats import PartialStats, update
+
+        if not cupy.cuda.is_available():
+            return "cupy.cuda.is_available() is False"
+        maps = cupyx.scipy.fft.irfft(cupyx.scipy.fft.rfft(cupy.ones((2, 1, 4), "f4")), n=4)
+        stats = PartialStats.empty((1, 4), cupy)
+        update(stats, maps.astype(cupy.float32), 0)
+        if float(stats.total.sum()) != 8.0:
+            return "the CUDA statistics update gave a wrong sum"
+    except Exception as error:  # ImportError, or a CUDA driver/runtime/compiler error
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    return None
+
+
+def gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
+    reason = gpu_unavailable_reason()
+    if reason is not None:
+        raise ClusterError(f"device gpu: no working CUDA GPU ({reason})")
+    dask_cuda = import_extra("gpu-local")
+    return dask_cuda.LocalCUDACluster(
+        n_workers=n_workers or setting(cluster, "n_workers"),
+        threads_per_worker=setting(cluster, "threads_per_worker", 1),
+        memory_limit=setting(cluster, "memory_limit", "auto"),
+        CUDA_VISIBLE_DEVICES=setting(cluster, "cuda_visible_devices"),
+        dashboard_address=free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
+        silence_logs=logging.ERROR,
+    )
+
+
+def jobqueue_cluster(cluster: ClusterConfig | None, device: str | None = None) -> Any:
+    """A ``dask-jobqueue`` ``SLURMCluster`` or ``PBSCluster`` for ``cluster.kind``, not scaled.
+
+    Its scheduler runs in this process; ``cluster.job_script()`` shows the batch script that
+    each job will run. With GPUs (``gpus_per_job`` > 0 or ``device: gpu``) every job asks for
+    ``gpus_per_job`` GPUs (Slurm ``--gres=gpu:N``, PBS ``ngpus=N``) and runs
+    ``dask cuda worker``, one worker process per GPU with one thread (as ``dask-cuda``
+    does: threads of a worker would share its GPU's memory, about five FFT batches per
+    running task) and ``memory / N`` of host memory; the job still books ``cores`` CPUs.
+
+    Raises
+    ------
+    ConfigError
+        If ``cores`` or ``memory`` (per job) is missing.
+    ClusterError
+        If ``dask-jobqueue`` is not installed.
+    """
+    kind = str(setting(cluster, "kind"))
+    jobqueue = import_extra(kind)
+    for field in ("cores", "memory"):
+        if setting(cluster, field) is None:
+            raise ConfigError(f"cluster.{field}: required for kind {kind} (per job)")
+    cores, memory = int(setting(cluster, "cores")), str(setting(cluster, "memory"))
+    gpus = int(setting(cluster, "gpus_per_job", 0))
+    if gpus == 0 and (device or setting(cluster, "device", "cpu")) == "gpu":
+        gpus = 1
+    directives = list(setting(cluster, "job_extra_directives", []))
+    options: dict[str, Any] = {
+        "queue": setting(cluster, "queue"),
+        "account": setting(cluster, "account"),
+        "walltime": setting(cluster, "walltime"),
+        "cores": cores,
+        "memory": memory,
+        "processes": gpus or int(setting(cluster, "processes", 1)),
+        "local_directory": setting(cluster, "local_directory"),
+        "scheduler_options": {
+            "dashboard_address": free_dashboard_address(
+                setting(cluster, "dashboard_address", ":8787")
+            )
+        },
+        "job_name": "dtm-worker",
+    }
+    if gpus:
+        options["worker_command"] = "dask cuda worker"  # run as `python -m dask cuda worker`
+        # jobqueue gives each process cores / processes threads: one per GPU worker.
+        options["cores"] = gpus
+        if kind == "slurm":
+            options["job_cpu"] = cores
+            if not any("gres" in d or "gpus" in d for d in directives):
+                directives.append(f"--gres=gpu:{gpus}")
+        if kind == "pbs":
+            from dask.utils import parse_bytes
+            from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+            pbs_memory = pbs_format_bytes_ceil(parse_bytes(memory))
+            options["resource_spec"] = f"select=1:ncpus={cores}:ngpus={gpus}:mem={pbs_memory}"
+    options["job_extra_directives"] = directives
+    cls = jobqueue.SLURMCluster if kind == "slurm" else jobqueue.PBSCluster
+    return cls(**{key: value for key, value in options.items() if value is not None})
+
+
+def kubernetes_cluster_spec(
+    cluster: ClusterConfig | None, n_workers: int | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """The ``DaskCluster`` resource that ``kind: kubernetes`` asks the Dask operator for.
+
+    ``cluster.resources`` go to the worker pods only (the scheduler needs no GPU). GPU
+    workers run ``dask cuda worker`` and, when ``resources`` is not given, each asks for
+    one ``nvidia.com/gpu``: without it Kubernetes would start them without a GPU.
+
+    Raises
+    ------
+    ConfigError
+        If ``cluster.image`` is missing.
+    ClusterError
+        If ``dask-kubernetes`` is not installed.
+    """
+    operator = import_extra("kubernetes")
+    image = setting(cluster, "image")
+    if image is None:
+        raise ConfigError("cluster.image: required for kind kubernetes (an image with dtm)")
+    gpu = (device or setting(cluster, "device", "cpu")) == "gpu"
+    spec: dict[str, Any] = operator.make_cluster_spec(
+        name=setting(cluster, "name", "dtm"),
+        image=image,
+        n_workers=n_workers or setting(cluster, "n_workers", 2),
+        worker_command="dask cuda worker" if gpu else "dask worker",
+    )
+    resources = setting(cluster, "resources") or (
+        {"limits": {"nvidia.com/gpu": 1}} if gpu else None
+    )
+    spec["spec"]["worker"]["spec"]["containers"][0]["resources"] = resources
+    return spec
+
+
+def kubernetes_cluster(
+    cluster: ClusterConfig | None, n_workers: int | None, device: str | None
+) -> Any:
+    spec = kubernetes_cluster_spec(cluster, n_workers, device)
+    operator = import_extra("kubernetes")
+    return operator.KubeCluster(custom_cluster_spec=spec, namespace=setting(cluster, "namespace"))
+
+
+def scale_jobs(started: Any, cluster: ClusterConfig | None, n_jobs: int | None) -> None:
+    """Fixed number of jobs, or adaptive between ``adapt_minimum`` and ``adapt_maximum``."""
+    maximum = setting(cluster, "adapt_maximum")
+    if maximum is not None and n_jobs is None:
+        started.adapt(minimum_jobs=int(setting(cluster, "adapt_minimum", 0)), maximum_jobs=maximum)
+    else:
+        started.scale(jobs=n_jobs or int(setting(cluster, "n_jobs", 1)))
+
+
+def start_cluster(
+    kind: str, cluster: ClusterConfig | None, n_workers: int | None, device: str | None
+) -> Any:
+    """Start a cluster of ``kind`` (not ``address``); jobqueue clusters are scaled.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown kind or a missing required field.
+    ClusterError
+        If the kind's optional dependency is missing or no GPU works for ``gpu-local``.
+    """
+    if kind == "local":
+        return local_cluster(cluster, n_workers)
+    if kind == "gpu-local":
+        return gpu_local_cluster(cluster, n_workers)
+    if kind == "kubernetes":
+        return kubernetes_cluster(cluster, n_workers, device)
+    if kind in ("slurm", "pbs"):
+        started = jobqueue_cluster(cluster, device)
+        try:
+            scale_jobs(started, cluster, n_workers)
+        except BaseException:
+            started.close()
+            raise
+        return started
+    raise ConfigError(f"cluster.kind: unknown kind {kind!r}")
