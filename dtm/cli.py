@@ -16,6 +16,21 @@ from dtm.errors import DtmError
 CLUSTER_KINDS = ["local", "address", "slurm", "pbs", "kubernetes", "gpu-local"]
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def _cluster_options(
     parser: argparse.ArgumentParser, device: bool = True, kind: bool = True
 ) -> None:
@@ -31,7 +46,9 @@ def _cluster_options(
         help="address of a running dask scheduler (tcp://host:8786) or its "
         "scheduler file; default: start an embedded local cluster",
     )
-    parser.add_argument("--workers", type=int, metavar="N", help="workers of a local cluster")
+    parser.add_argument(
+        "--workers", type=_at_least(1), metavar="N", help="workers of a local cluster"
+    )
     if device:
         parser.add_argument("--device", choices=["cpu", "gpu"], help="array backend of the workers")
 
@@ -154,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     peaks.add_argument(
         "--border",
-        type=int,
+        type=_at_least(0),
         default=0,
         metavar="PIXELS",
         help="exclude peaks this close to the map edge",
@@ -170,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     browse = sub.add_parser("browse", help="pan and zoom the maps and peaks in a web browser")
     browse.add_argument("results_dir", help="output directory of dtm match (path or fsspec URL)")
-    browse.add_argument("--port", type=int, default=5006, help="HTTP port (0 picks a free one)")
+    browse.add_argument(
+        "--port", type=_at_least(0), default=5006, help="HTTP port (0 picks a free one)"
+    )
     browse.add_argument(
         "--address", default="localhost", help="interface to listen on (default: localhost)"
     )
@@ -200,7 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dtm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dtm: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "match":
+            output = f" --output-dir {args.output_dir}" if args.output_dir else ""
+            hint = f"; continue with: dtm match {args.config}{output} --resume"
+        print(f"dtm: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,3 +239,46 @@ def test_cluster_kind_from_the_command_line(good, tmp_path, capsys):
     # kind address without an address is a configuration error naming the field.
     assert main(["match", str(config), "--cluster", "address"]) == 2
     assert "scheduler_address" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["match", "c.yaml", "--workers", "0"], "argument --workers: must be >= 1, got 0"),
+        (["match", "c.yaml", "--workers", "two"], "argument --workers: expected an integer"),
+        (["peaks", "out", "--border", "-1"], "argument --border: must be >= 0, got -1"),
+        (["browse", "out", "--port", "-5"], "argument --port: must be >= 0, got -5"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_anything_runs(argv, expect, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert expect in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_exits_130_and_says_how_to_resume(good, tmp_path):
+    out = tmp_path / "out"
+    fine = {"psi_step": 2.0, "theta_step": 2.0}  # long enough to be interrupted
+    cfg = match_config(
+        good["micrograph_path"], good["template_path"], out, orientation_search_config=fine
+    )
+    config = write_config(tmp_path / "c.yaml", cfg)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dtm.cli", "match", str(config), "--workers", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert run.stdout is not None
+    for line in run.stdout:  # interrupt once the search has started
+        if line.startswith("search:"):
+            break
+    time.sleep(2.0)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"dtm: interrupted; continue with: dtm match {config} --resume"
+    )
+    assert "Traceback" not in err
