@@ -122,10 +122,14 @@ def match_template(
     done = completed_micrographs(output_dir) if previous is not None else set()
 
     chunks = space.chunks(chunk_size)
+    n_skipped = len(plans) - len(valid)
+    skipped = f" ({n_skipped} skipped)" if n_skipped else ""
+    per_micrograph = f" ({len(chunks):,} per micrograph)" if len(valid) > 1 else ""
     print(
         f"search: {space.n_orientations:,} orientations × {space.n_defocus} defocus planes = "
-        f"{space.n_correlations:,} correlations per micrograph; {len(plans)} micrograph(s); "
-        f"{len(chunks)} tasks of ≤ {chunk_size} orientations each",
+        f"{space.n_correlations:,} correlations per micrograph; {len(valid)} micrograph(s)"
+        f"{skipped}; {len(chunks) * len(valid):,} tasks{per_micrograph} of ≤ {chunk_size:,} "
+        "orientations each",
         file=out,
     )
     if sampling.crop_pixel_size is not None:
@@ -148,7 +152,7 @@ def match_template(
         output_dir.mkdir(parents=True, exist_ok=True)
         write_job(output_dir, config_to_dict(config), run_fingerprint)
         run_token = token(f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}")
-        tasks_run = _run(
+        tasks_run, n_searched = _run(
             client,
             config,
             plans,
@@ -162,13 +166,23 @@ def match_template(
             run_token,
             out,
         )
-        _write_peaks(config, output_dir, out)
+        # A resumed run that had nothing left to search keeps the peaks picked earlier
+        # (perhaps re-picked with `dtm peaks`).
+        if n_searched or not (output_dir / "peaks.csv").exists():
+            _write_peaks(config, output_dir, out)
+        else:
+            print("peaks: peaks.csv kept (nothing was searched; re-pick with dtm peaks)", file=out)
     wall = time.perf_counter() - t0
-    n_searched = sum(1 for p in plans if p.status == "done")
-    rate = n_searched * space.n_correlations / wall if wall > 0 else 0.0
     write_run_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
+    # Only the correlations computed by this run: restored checkpoints cost nothing.
+    computed = tasks_run * space.n_correlations / len(chunks)
+    speed = (
+        f"{computed / wall:,.0f} correlations/s overall"
+        if tasks_run
+        else ("every task restored from checkpoints" if n_searched else "nothing left to search")
+    )
     print(
-        f"finished in {format_duration(wall)} ({rate:,.0f} correlations/s overall); "
+        f"finished in {format_duration(wall)} ({speed}); "
         f"results in {output_dir}/ (results.zarr, maps/, peaks.csv, run.json)",
         file=out,
     )
@@ -192,10 +206,12 @@ def _run(
     device: str,
     run_token: str,
     out: TextIO,
-) -> int:
+) -> tuple[int, int]:
     """Build one graph for every micrograph still to search, run it, record each outcome.
 
     Keys carry ``run_token`` so that two runs sharing a scheduler never share a task.
+    Returns the number of correlation tasks computed (not restored from checkpoints) and
+    of micrographs whose maps were written.
     """
     single = len(plans) == 1
     template_node = dask.delayed(tasks.load_template)(
@@ -254,7 +270,7 @@ def _run(
         todo.append(plan)
         n_tasks += n_leaves
     if not roots:
-        return 0
+        return 0, 0
     per_task = space.n_correlations / max(len(chunks), 1)
     if n_tasks < len(chunks) * len(todo):
         print(
@@ -280,7 +296,7 @@ def _run(
             # Only once run.json says the micrograph is done may its checkpoints go.
             if plan.status == "done":
                 shutil.rmtree(output_dir / "checkpoints" / token(plan.name), ignore_errors=True)
-    return n_tasks
+    return n_tasks, len(todo)
 
 
 def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:

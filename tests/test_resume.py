@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from distributed import Client, LocalCluster
 from dtm.config import MatchConfig
 from dtm.errors import ConfigError
 from dtm.match import match_template
+from dtm.peaks import repick
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow
@@ -110,9 +112,16 @@ def test_resume_refuses_a_changed_configuration(data, client, tmp_path):
     )
     with pytest.raises(ConfigError, match="orientation_search_config.psi_step"):
         match_template(changed, client=client, resume=True)
-    # Resuming a finished run with the same configuration recomputes nothing.
-    match_template(first, client=client, resume=True)
+    # Resuming a finished run with the same configuration recomputes nothing and keeps the
+    # peaks the user re-picked since.
+    repick(out, z_score_cutoff=0.0)
+    picked = (out / "peaks.csv").read_bytes()
+    printed = io.StringIO()
+    match_template(first, client=client, resume=True, out=printed)
     assert json.loads((out / "run.json").read_text())["tasks_computed"] == 0
+    assert (out / "peaks.csv").read_bytes() == picked
+    assert "peaks.csv kept" in printed.getvalue()
+    assert "(nothing left to search)" in printed.getvalue()
 
 
 def test_lost_worker_gives_identical_maps(data, reference, dask_cli_cluster, tmp_path):
@@ -155,8 +164,12 @@ def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
     config = _config(data, out, cluster=FINE_CLUSTER)
     del config["micrograph_path"]
     config["micrograph_table"] = str(tmp_path / "mics.csv")
-    results = match_template(MatchConfig.model_validate(config), client=client)
+    printed = io.StringIO()
+    results = match_template(MatchConfig.model_validate(config), client=client, out=printed)
     assert set(results) == {"mic0", "mic1", "mic2"}
+    n_chunks = math.ceil(552 / FINE_CLUSTER["chunk_size"])
+    expected = f"3 micrograph(s) (1 skipped); {3 * n_chunks} tasks ({n_chunks} per micrograph)"
+    assert expected in printed.getvalue()
     for name, ds in results.items():
         _assert_same_maps(ds.load(), reference[name])
     report = json.loads((out / "run.json").read_text())
