@@ -8,6 +8,7 @@ planted particles: position and orientation errors per particle.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,6 +18,7 @@ import pandas as pd
 import yaml
 
 from dtm.config import load_match_config
+from dtm.errors import OutputError
 from dtm.match import match_template
 from dtm.physics.rotations import euler_to_matrix, geodesic_angle
 from dtm.simulate import demo_dataset
@@ -104,6 +106,43 @@ def compare_with_planted(peaks: pd.DataFrame, planted: list[dict[str, Any]]) -> 
     return pd.DataFrame(rows)
 
 
+#: Marks a directory written by ``dtm demo``, which a later demo may replace.
+DEMO_MARKER = ".dtm-demo"
+
+
+def claim_directory(out: Path) -> bool:
+    """Make ``out`` the demo's directory; ``True`` when it holds an earlier demo.
+
+    A demo writes into a new or empty directory, or replaces an earlier demo's (marked by
+    ``DEMO_MARKER``, or a ``config.yaml`` whose optics group is labelled ``demo``).
+
+    Raises
+    ------
+    OutputError
+        If ``out`` is a file, or a directory that holds other files.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: not a directory")
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier and not ((out / DEMO_MARKER).exists() or _demo_config_in(out)):
+        raise OutputError(
+            f"--out {out}: holds other files; dtm demo writes into a new or empty directory, "
+            "or replaces an earlier demo"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by dtm demo: a later dtm demo replaces it\n")
+    return earlier
+
+
+def _demo_config_in(out: Path) -> bool:
+    """Whether ``out/config.yaml`` is a demo's (directories of demos before the marker)."""
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text())
+        return bool(config["optics_group"]["label"] == "demo")
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return False
+
+
 def run_demo(
     out: Path,
     *,
@@ -114,6 +153,10 @@ def run_demo(
     """Simulate, search, pick peaks and report how many planted particles were found."""
     stream = sys.stdout if stream is None else stream
     out = Path(out)
+    if claim_directory(out):
+        print(f"demo: replacing the earlier demo in {out}", file=stream)
+        # Results of the earlier demo, and tables refined from them, would be stale.
+        shutil.rmtree(out / "results", ignore_errors=True)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
     config_path.write_text(
@@ -125,10 +168,8 @@ def run_demo(
         file=stream,
     )
     config = load_match_config(config_path)
-    overwrite = (out / "results").exists()
     match_template(
         config,
-        overwrite=overwrite,
         scheduler_address=scheduler_address,
         n_workers=n_workers,
         out=stream,

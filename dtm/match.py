@@ -8,6 +8,7 @@ one table over all micrographs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -296,6 +297,8 @@ def _run(
             # Only once run.json says the micrograph is done may its checkpoints go.
             if plan.status == "done":
                 shutil.rmtree(output_dir / "checkpoints" / token(plan.name), ignore_errors=True)
+    with contextlib.suppress(OSError):  # kept while a micrograph still has checkpoints
+        (output_dir / "checkpoints").rmdir()
     return n_tasks, len(todo)
 
 

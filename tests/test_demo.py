@@ -9,6 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
+from dtm.demo import DEMO_MARKER, claim_directory
+from dtm.errors import OutputError
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,3 +30,23 @@ def test_demo_command_finds_every_planted_particle(tmp_path):
     assert config["micrograph_path"] == "data/micrograph.mrc"  # relative to the config file
     peaks = pd.read_csv(tmp_path / "dtm-demo" / "results" / "peaks.csv")
     assert len(peaks) == 6
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("micrograph_path: my_data.mrc\n")
+    with pytest.raises(OutputError, match=r"^--out .*mine: holds other files"):
+        claim_directory(mine)
+    assert (mine / "config.yaml").read_text() == "micrograph_path: my_data.mrc\n"
+    assert not (mine / DEMO_MARKER).exists()
+    with pytest.raises(OutputError, match="not a directory"):
+        claim_directory(mine / "config.yaml")
+    fresh = tmp_path / "fresh"
+    assert claim_directory(fresh) is False and (fresh / DEMO_MARKER).exists()
+    (fresh / "config.yaml").write_text("anything: 1\n")
+    assert claim_directory(fresh) is True  # marked by the first demo
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "config.yaml").write_text(yaml.safe_dump({"optics_group": {"label": "demo"}}))
+    assert claim_directory(older) is True  # a demo from before the marker

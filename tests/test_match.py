@@ -75,6 +75,7 @@ def test_valid_mode_outputs(valid_run, dataset):
     h, w = 320 - BOX + 1, 320 - BOX + 1
     assert set(MAP_NAMES) <= set(ds.data_vars)
     assert ds.mip.shape == (h, w)
+    assert not (out / "checkpoints").exists()  # only while a micrograph is being searched
     reopened = xr.open_zarr(out / "results.zarr", consolidated=False)
     assert isinstance(reopened.mip.data, type(reopened.mip.data))  # lazily backed by dask
     assert reopened.mip.chunks is not None
