@@ -121,7 +121,9 @@ def _refine(args: argparse.Namespace) -> None:
     )
     for line in config.notices:
         print(f"notice: {line}")
-    refine_template(config, scheduler_address=args.scheduler, n_workers=args.workers)
+    refine_template(
+        config, scheduler_address=args.scheduler, n_workers=args.workers, overwrite=args.overwrite
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     refine = sub.add_parser("refine", help="refine particles from a results table")
     refine.add_argument("config", help="YAML configuration (dtm or Leopard-EM refine_template)")
+    refine.add_argument(
+        "--overwrite", action="store_true", help="replace refined tables at output_path"
+    )
     _cluster_options(refine, device=False)
     refine.set_defaults(func=_refine)
     return parser

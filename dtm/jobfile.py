@@ -48,10 +48,11 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_writable(output_dir: Path) -> None:
+def check_writable(output_dir: Path, field: str = "output_dir") -> None:
     """Raise :class:`OutputError` unless ``output_dir`` exists writable or can be created.
 
     Nothing is created here: a run that fails later must not leave an empty directory.
+    ``field`` names the setting in the message.
     """
     existing = output_dir
     while not existing.exists():
@@ -59,13 +60,13 @@ def check_writable(output_dir: Path) -> None:
             break
         existing = existing.parent
     if not existing.is_dir():
-        raise OutputError(f"output_dir {output_dir}: not writable ({existing} is not a directory)")
+        raise OutputError(f"{field} {output_dir}: not writable ({existing} is not a directory)")
     try:
         fd, probe = tempfile.mkstemp(prefix=".dtm-write-test-", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputError(f"output_dir {output_dir}: not writable ({exc.strerror})") from None
+        raise OutputError(f"{field} {output_dir}: not writable ({exc.strerror})") from None
 
 
 def has_results(output_dir: Path) -> bool:

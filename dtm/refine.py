@@ -28,9 +28,10 @@ import pandas as pd
 
 from dtm.cluster import session
 from dtm.config import RefineConfig, load_refine_config
-from dtm.errors import ConfigError, InputError
+from dtm.errors import ConfigError, InputError, OutputError
 from dtm.io.mrc import PIXEL_SIZE_TOLERANCE, read_template
 from dtm.io.tables import read_table, write_table
+from dtm.jobfile import check_writable
 from dtm.progress import format_duration
 from dtm.refine_partition import (
     REFINED_DTYPES,
@@ -165,6 +166,7 @@ def refine_template(
     *,
     scheduler_address: str | None = None,
     n_workers: int | None = None,
+    overwrite: bool = False,
     out: TextIO = sys.stdout,
 ) -> pd.DataFrame:
     """Refine the particles of a results table on a Dask cluster (``dtm refine``).
@@ -178,6 +180,8 @@ def refine_template(
         embedded ``LocalCluster`` unless it says otherwise) is started and closed here.
     scheduler_address, n_workers
         Overrides of the ``cluster`` section (command-line options).
+    overwrite : bool
+        Replace refined tables already at ``output_path`` (``--overwrite``).
     out : file
         Where the summary lines are printed.
 
@@ -192,10 +196,15 @@ def refine_template(
     ------
     InputError, ConfigError
         Missing or bad table, template or micrograph; template box larger than the boxes.
+    OutputError
+        ``output_path`` cannot be written, or holds refined tables and not ``overwrite``;
+        checked before anything is computed.
     """
     if not isinstance(config, RefineConfig):
         config = load_refine_config(config)
     t0 = time.perf_counter()
+    output = Path(config.output_path)
+    _check_output(output, overwrite)
     table_path = Path(config.particle_stack.df_path)
     table = read_table(table_path)
     template = read_template(config.template_volume_path)
@@ -222,12 +231,22 @@ def refine_template(
         ) as client:
             graph = refine_dataframe(table, config.template_volume_path, settings)
             result = client.compute(graph).result().loc[table.index]
-    output = Path(config.output_path)
     write_table(result, output.parent, output.stem)
     again = start_columns(table)["pos_y"] == "refined_pos_y" and "refined_scaled_mip" in table
     before = table["refined_scaled_mip" if again else "scaled_mip"]
     _summary(result, before, time.perf_counter() - t0, output, out)
     return result
+
+
+def _check_output(output: Path, overwrite: bool) -> None:
+    """Fail before the search, not after it, on an output path that will not be written."""
+    check_writable(output.parent, "output_path")
+    earlier = [output.with_suffix(s) for s in (".csv", ".parquet", ".star")]
+    existing = [path for path in earlier if path.exists()]
+    if existing and not overwrite:
+        raise OutputError(
+            f"output_path {existing[0]}: refined tables exist; use --overwrite to replace them"
+        )
 
 
 def _summary(
@@ -241,6 +260,6 @@ def _summary(
         f"refined in {format_duration(wall)}: median scaled MIP {before.median():.2f} → "
         f"{result['refined_scaled_mip'].median():.2f}; "
         f"{int((~result['refined_box_inside']).sum())} box(es) padded at the edge; wrote "
-        f"{output.with_suffix('.csv')} and {output.with_suffix('.parquet')}",
+        f"{output.with_suffix('.csv')} (and .parquet, .star)",
         file=out,
     )

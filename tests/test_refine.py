@@ -22,7 +22,7 @@ import yaml
 from distributed import Client, LocalCluster
 from scipy.spatial.transform import Rotation
 
-from dtm.errors import ConfigError, InputError
+from dtm.errors import ConfigError, InputError, OutputError
 from dtm.io.mrc import write_map
 from dtm.io.tables import read_table, write_table
 from dtm.match import match_template
@@ -304,3 +304,19 @@ def test_bad_inputs_raise_one_line_errors(coarse: dict[str, Any], tmp_path: Path
     partial.to_csv(tmp_path / "partial.csv", index=False)
     with pytest.raises(InputError, match="psi"):
         refine_template(_refine_config(coarse, "partial", df_path=tmp_path / "partial.csv"))
+
+
+def test_output_path_is_checked_before_refining(
+    coarse: dict[str, Any], refined: pd.DataFrame, tmp_path: Path
+) -> None:
+    earlier = coarse["dir"] / "refined.csv"
+    before = earlier.read_bytes()
+    # No cluster is given: a check made after the search would start one and fail later.
+    with pytest.raises(OutputError, match=r"^output_path .*refined\.csv: refined tables exist"):
+        refine_template(_refine_config(coarse, "refined"))
+    assert earlier.read_bytes() == before
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    inside_a_file = _refine_config(coarse, "blocked", output_path=str(blocker / "refined.csv"))
+    with pytest.raises(OutputError, match=r"^output_path .*a-file: not writable"):
+        refine_template(inside_a_file)
