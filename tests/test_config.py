@@ -174,6 +174,15 @@ def test_unknown_key_is_named_with_its_dotted_name(
     assert _match_error(tmp_path, _minimal(**changes)).endswith(expected)
 
 
+def test_a_misspelt_required_key_is_named_before_the_missing_one(tmp_path: Path) -> None:
+    optics = {"pixel_sise": 1.0, "voltage": 300.0, "defocus_u": 8000.0, "defocus_v": 7800.0}
+    message = _match_error(tmp_path, _minimal(optics_group=optics))
+    assert message.endswith(
+        "config.yaml: optics_group.pixel_sise: unknown key (did you mean pixel_size?) "
+        "[and 1 more problem]"
+    )
+
+
 def test_wrong_type_names_field_and_value(tmp_path: Path) -> None:
     data = _minimal()
     data["optics_group"]["voltage"] = "high"

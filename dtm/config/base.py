@@ -3,6 +3,7 @@ validation messages, YAML reading, command-line overrides and hashing."""
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -134,11 +135,34 @@ _PLAIN_MESSAGES = {
 }
 
 
+def _unknown_keys_first(problems: list[Any]) -> list[Any]:
+    """Unknown keys first, each with the missing key of its section it most resembles.
+
+    A misspelt required key gives two problems, the unknown key and the missing one; the
+    unknown key is the one that says what to fix (``pixel_sise: unknown key (did you mean
+    pixel_size?)``).
+    """
+    missing: dict[tuple[Any, ...], list[str]] = {}
+    for problem in problems:
+        if problem["type"] == "missing":
+            *parent, key = problem["loc"]
+            missing.setdefault(tuple(parent), []).append(str(key))
+    ordered = []
+    for problem in problems:
+        if problem["type"] == "extra_forbidden":
+            *parent, key = problem["loc"]
+            close = difflib.get_close_matches(str(key), missing.get(tuple(parent), []), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problem = {**problem, "msg": "unknown key" + hint, "type": "unknown_key"}
+        ordered.append(problem)
+    return sorted(ordered, key=lambda problem: problem["type"] != "unknown_key")
+
+
 def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
     """One line ``<source>: <dotted.field>: <problem> (got <value>)`` describing the first
-    problem of ``err``, with the number of further problems."""
+    problem of ``err`` (unknown keys first), with the number of further problems."""
     lines = []
-    for problem in err.errors():
+    for problem in _unknown_keys_first(list(err.errors())):
         loc = [str(part) for part in problem["loc"] if part not in (_ONE_GRID, _SEVERAL_GRIDS)]
         cause = problem.get("ctx", {}).get("error")
         message, value, show_value = problem["msg"], problem.get("input"), True
@@ -149,6 +173,8 @@ def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
             message = _PLAIN_MESSAGES[problem["type"]]
         elif problem["type"] == "missing":
             message, show_value = "required setting missing", False
+        elif problem["type"] == "unknown_key":
+            show_value = "did you mean" not in message
         where = f"{source}: {'.'.join(loc)}: " if loc else f"{source}: "
         got = f" (got {_show(value)})" if show_value else ""
         lines.append(where + message.removeprefix("Value error, ") + got)
