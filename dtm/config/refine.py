@@ -62,14 +62,19 @@ class PixelSizeRefinementConfig(_Model):
 
 
 class OrientationRefinementConfig(_Model):
-    """Local orientation offsets: within ± the coarse steps, in fine steps (degrees)."""
+    """Local orientation offsets: within ± the coarse steps, in fine steps (degrees).
 
+    The viewing direction is tilted up to ``theta_step_coarse`` towards every azimuth, in
+    azimuth steps that follow from ``theta_step_fine``; the φ steps are therefore not used.
+    """
+
+    leopard_unused = ("phi_step_coarse", "phi_step_fine")
     enabled: bool = True
     """Refine orientations; false keeps those of the search."""
     phi_step_coarse: Positive = 2.5
-    """φ step of the global search, degrees."""
+    """φ step of the global search, degrees (Leopard-EM; unused: azimuths follow θ)."""
     phi_step_fine: Positive = 0.25
-    """φ step of the refinement, degrees."""
+    """φ step of the refinement, degrees (Leopard-EM; unused: azimuths follow θ)."""
     theta_step_coarse: Positive = 2.5
     """θ step of the global search, degrees."""
     theta_step_fine: Positive = 0.25
