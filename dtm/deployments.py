@@ -121,7 +121,9 @@ def gpu_unavailable_reason() -> str | None:
         update(stats, maps.astype(cupy.float32), 0)
         if float(stats.total.sum()) != 8.0:
             return "the CUDA statistics update gave a wrong sum"
-    except Exception as error:  # ImportError, or a CUDA driver/runtime/compiler error
+    except ImportError as error:
+        return f"{type(error).__name__}: {error}; install with pip install 'dtm[gpu]'"
+    except Exception as error:  # a CUDA driver/runtime/compiler error
         return f"{type(error).__name__}: {error}".splitlines()[0]
     return None
 

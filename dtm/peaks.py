@@ -282,6 +282,11 @@ def repick(
     if not directory.is_dir():
         raise InputError(f"{directory}: results directory not found")
     if not (directory / "results.zarr").exists():
+        if (directory / "job.json").exists():
+            raise InputError(
+                f"{directory}: its search has not finished (continue it with "
+                "dtm match CONFIG --resume)"
+            )
         raise InputError(f"{directory}: no results.zarr here (run dtm match first)")
     table_graph = peaks_dataframe(
         directory / "results.zarr",

@@ -356,3 +356,13 @@ def test_repick_rejects_bad_input(tmp_path):
         repick(tmp_path)
     with pytest.raises(ConfigError):
         repick(tmp_path, false_positives=1.0, z_score_cutoff=7.0)
+
+
+def test_repick_says_why_there_is_nothing_to_pick(tmp_path):
+    with pytest.raises(InputError, match="results directory not found"):
+        repick(tmp_path / "absent")
+    with pytest.raises(InputError, match=r"no results\.zarr here \(run dtm match first\)"):
+        repick(tmp_path)
+    (tmp_path / "job.json").write_text("{}")  # an interrupted search
+    with pytest.raises(InputError, match=r"search has not finished .*--resume"):
+        repick(tmp_path)
