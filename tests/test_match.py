@@ -190,7 +190,7 @@ def test_high_resolution_limit_searches_cropped_data(dataset, two_workers, tmp_p
         # Each planted particle is the strongest pose near its place on the coarser grid.
         y, x = round(p.pos_y * PIXEL_SIZE / 4.0), round(p.pos_x * PIXEL_SIZE / 4.0)
         window = ds.isel(y=slice(y - 2, y + 3), x=slice(x - 2, x + 3))
-        iy, ix = np.unravel_index(int(window.mip.argmax()), window.mip.shape)
+        iy, ix = np.unravel_index(int(np.argmax(window.mip.values)), window.mip.shape)
         best = window.isel(y=iy, x=ix)
         assert (float(best.phi), float(best.theta), float(best.psi)) == pytest.approx(
             (p.phi, p.theta, p.psi), abs=1e-3
