@@ -55,11 +55,12 @@ def default_local_workers() -> tuple[int, int]:
 
 
 def setting(cluster: ClusterConfig | None, name: str, default: Any = None) -> Any:
+    """``cluster.name``, or ``default`` when there is no section or the setting is unset."""
     value = getattr(cluster, name, default) if cluster is not None else default
     return default if value is None else value
 
 
-def import_extra(kind: str) -> Any:
+def _import_extra(kind: str) -> Any:
     module, package, extra = _EXTRAS[kind]
     try:
         return __import__(module, fromlist=["_"])
@@ -69,7 +70,7 @@ def import_extra(kind: str) -> Any:
         ) from None
 
 
-def free_dashboard_address(address: str | None) -> str | None:
+def _free_dashboard_address(address: str | None) -> str | None:
     """``address`` if its port is free, else ``":0"`` (a random port), so that a second run on
     the same machine still gets a dashboard without distributed's warning."""
     if not address:
@@ -85,7 +86,7 @@ def free_dashboard_address(address: str | None) -> str | None:
     return address
 
 
-def local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
+def _local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
     import distributed
 
     default_workers, default_threads = default_local_workers()
@@ -94,7 +95,7 @@ def local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
         threads_per_worker=setting(cluster, "threads_per_worker", default_threads),
         processes=True,
         memory_limit=setting(cluster, "memory_limit", "auto"),
-        dashboard_address=free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
+        dashboard_address=_free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
         silence_logs=logging.ERROR,
     )
 
@@ -128,17 +129,17 @@ def gpu_unavailable_reason() -> str | None:
     return None
 
 
-def gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
+def _gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
     reason = gpu_unavailable_reason()
     if reason is not None:
         raise ClusterError(f"device gpu: no working CUDA GPU ({reason})")
-    dask_cuda = import_extra("gpu-local")
+    dask_cuda = _import_extra("gpu-local")
     return dask_cuda.LocalCUDACluster(
         n_workers=n_workers or setting(cluster, "n_workers"),
         threads_per_worker=setting(cluster, "threads_per_worker", 1),
         memory_limit=setting(cluster, "memory_limit", "auto"),
         CUDA_VISIBLE_DEVICES=setting(cluster, "cuda_visible_devices"),
-        dashboard_address=free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
+        dashboard_address=_free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
         silence_logs=logging.ERROR,
     )
 
@@ -161,7 +162,7 @@ def jobqueue_cluster(cluster: ClusterConfig | None, device: str | None = None) -
         If ``dask-jobqueue`` is not installed.
     """
     kind = str(setting(cluster, "kind"))
-    jobqueue = import_extra(kind)
+    jobqueue = _import_extra(kind)
     for field in ("cores", "memory"):
         if setting(cluster, field) is None:
             raise ConfigError(f"cluster.{field}: required for kind {kind} (per job)")
@@ -179,7 +180,7 @@ def jobqueue_cluster(cluster: ClusterConfig | None, device: str | None = None) -
         "processes": gpus or int(setting(cluster, "processes", 1)),
         "local_directory": setting(cluster, "local_directory"),
         "scheduler_options": {
-            "dashboard_address": free_dashboard_address(
+            "dashboard_address": _free_dashboard_address(
                 setting(cluster, "dashboard_address", ":8787")
             )
         },
@@ -220,7 +221,7 @@ def kubernetes_cluster_spec(
     ClusterError
         If ``dask-kubernetes`` is not installed.
     """
-    operator = import_extra("kubernetes")
+    operator = _import_extra("kubernetes")
     image = setting(cluster, "image")
     if image is None:
         raise ConfigError("cluster.image: required for kind kubernetes (an image with dtm)")
@@ -238,15 +239,15 @@ def kubernetes_cluster_spec(
     return spec
 
 
-def kubernetes_cluster(
+def _kubernetes_cluster(
     cluster: ClusterConfig | None, n_workers: int | None, device: str | None
 ) -> Any:
     spec = kubernetes_cluster_spec(cluster, n_workers, device)
-    operator = import_extra("kubernetes")
+    operator = _import_extra("kubernetes")
     return operator.KubeCluster(custom_cluster_spec=spec, namespace=setting(cluster, "namespace"))
 
 
-def scale_jobs(started: Any, cluster: ClusterConfig | None, n_jobs: int | None) -> None:
+def _scale_jobs(started: Any, cluster: ClusterConfig | None, n_jobs: int | None) -> None:
     """Fixed number of jobs, or adaptive between ``adapt_minimum`` and ``adapt_maximum``."""
     maximum = setting(cluster, "adapt_maximum")
     if maximum is not None and n_jobs is None:
@@ -268,15 +269,15 @@ def start_cluster(
         If the kind's optional dependency is missing or no GPU works for ``gpu-local``.
     """
     if kind == "local":
-        return local_cluster(cluster, n_workers)
+        return _local_cluster(cluster, n_workers)
     if kind == "gpu-local":
-        return gpu_local_cluster(cluster, n_workers)
+        return _gpu_local_cluster(cluster, n_workers)
     if kind == "kubernetes":
-        return kubernetes_cluster(cluster, n_workers, device)
+        return _kubernetes_cluster(cluster, n_workers, device)
     if kind in ("slurm", "pbs"):
         started = jobqueue_cluster(cluster, device)
         try:
-            scale_jobs(started, cluster, n_workers)
+            _scale_jobs(started, cluster, n_workers)
         except BaseException:
             started.close()
             raise
