@@ -28,6 +28,7 @@ _EXPORTS = {
     "read_micrograph": "dtm.io.mrc",
     "read_template": "dtm.io.mrc",
     "write_map": "dtm.io.mrc",
+    "read_table": "dtm.io.tables",
     "DtmError": "dtm.errors",
 }
 

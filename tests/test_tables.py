@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import starfile
 
+import dtm
 from dtm.errors import InputError
 from dtm.io.tables import (
     PEAK_COLUMNS,
@@ -54,6 +55,7 @@ def test_write_and_read_every_format_round_trips(tmp_path):
     by_name = table.sort_values(["micrograph_name", "particle_index"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(read_table(paths["parquet"]), by_name)
     assert list(read_table(paths["csv"]).columns) == PEAK_COLUMNS
+    assert dtm.read_table is read_table  # the documented top-level name
 
 
 def test_dask_table_is_written_once_and_fully(tmp_path):
