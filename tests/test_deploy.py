@@ -22,7 +22,9 @@ from dtm.config import ClusterConfig, MatchConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 YAML_FILES = sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")])
-SHELL_SCRIPTS = sorted([*DEPLOY.rglob("*.sh"), *DEPLOY.rglob("*.sbatch")])
+SHELL_SCRIPTS = sorted(
+    [*DEPLOY.rglob("*.sh"), *DEPLOY.rglob("*.sbatch"), *DEPLOY.parent.glob("benchmarks/*.sh")]
+)
 DOCKERFILES = sorted(DEPLOY.rglob("Dockerfile*"))
 
 
