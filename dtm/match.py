@@ -9,6 +9,7 @@ one table over all micrographs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import sys
@@ -20,8 +21,9 @@ from typing import TextIO
 import dask
 import distributed
 import xarray as xr
+from dask.delayed import Delayed
 
-from dtm.cluster import session
+from dtm.cluster import session, worker_threads
 from dtm.config import MatchConfig, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError
 from dtm.io.mrc import read_template
@@ -47,7 +49,7 @@ from dtm.plan import (
 )
 from dtm.progress import Progress, format_duration
 from dtm.search import tasks
-from dtm.search.graph import search_graph, token
+from dtm.search.graph import leaves_to_compute, search_graph, token
 from dtm.search.persist import persist
 from dtm.search.prepare import fft_shape_for
 from dtm.search.space import SearchSpace
@@ -194,6 +196,11 @@ def match_template(
     return next(iter(results.values())) if len(plans) == 1 else results
 
 
+#: Correlate tasks in flight per worker thread: enough queued that no worker waits while a
+#: micrograph's last merges and its persist task run.
+TASKS_IN_FLIGHT_PER_THREAD = 4
+
+
 def _run(
     client: distributed.Client,
     config: MatchConfig,
@@ -208,86 +215,83 @@ def _run(
     run_token: str,
     out: TextIO,
 ) -> tuple[int, int]:
-    """Build one graph for every micrograph still to search, run it, record each outcome.
+    """Search every micrograph still to search, a window of them at a time; record each.
 
-    Keys carry ``run_token`` so that two runs sharing a scheduler never share a task.
-    Returns the number of correlation tasks computed (not restored from checkpoints) and
-    of micrographs whose maps were written.
+    Micrographs are submitted as the earlier ones finish, enough of them to keep every
+    worker thread busy, so that a project of thousands of micrographs never holds all
+    their graphs at once (on the client or on the scheduler) and the first ones finish,
+    and are recorded for ``--resume``, early. Keys carry ``run_token`` so that two runs
+    sharing a scheduler never share a task. Returns the number of correlation tasks
+    computed (not restored from checkpoints) and of micrographs whose maps were written.
     """
-    single = len(plans) == 1
-    template_node = dask.delayed(tasks.load_template)(
-        str(config.template_volume_path),
-        sampling.crop_pixel_size,
-        config.optics_group.pixel_size,
-        dask_key_name=f"prepare-template-{run_token}",
-    )
-    # A graph literal, not scattered data: Dask can recompute it after losing a worker.
-    space_node = dask.delayed(space, name=f"space-{run_token}", traverse=False)
-    filters = config.preprocessing_filters.settings(sampling.pixel_size)
-    roots, n_tasks, todo = [], 0, []
+    todo = []
     for plan in plans:
         if plan.status == "failed":
             continue
         if plan.name in done:
             plan.status = "done"
-            continue
-        tok = token(f"{run_token}/{plan.name}")
-        job = tasks.MicrographTask(
-            plan.name,
-            str(plan.entry.micrograph_path),
-            plan.optics,
-            sampling.box,
-            filters,
-            config.correlation_mode,
-            sampling.crop_pixel_size,
-            config.optics_group.pixel_size,
-        )
-        image_node = dask.delayed(tasks.load_micrograph)(
-            job, space.defocus, dask_key_name=f"prepare-{tok}"
-        )
-        tree, n_leaves = search_graph(
-            tok,
-            image_node,
-            template_node,
-            space_node,
-            chunks,
-            split_every=config.cluster.split_every,
-            checkpoint_dir=output_dir / "checkpoints" / token(plan.name),
-            device=device,
-        )
-        extra = config.match_template_result.map_paths() if config.match_template_result else None
-        root = dask.delayed(persist)(
-            tree,
-            space_node,
-            output_dir=str(output_dir),
-            group=None if single else plan.name,
-            prefix="" if single else f"{plan.name}_",
-            pixel_size=plan.optics.pixel_size,
-            attrs=dataset_attrs(config, plan, sampling, space, start),
-            extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
-            dask_key_name=f"persist-{tok}",
-        )
-        roots.append(root)
-        todo.append(plan)
-        n_tasks += n_leaves
-    if not roots:
+        else:
+            todo.append(plan)
+    if not todo:
         return 0, 0
-    per_task = space.n_correlations / max(len(chunks), 1)
+    split_every = config.cluster.split_every
+    n_tasks = sum(
+        leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan)) for plan in todo
+    )
     if n_tasks < len(chunks) * len(todo):
         print(
             f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "
             "tasks restored from checkpoints",
             file=out,
         )
-    # The orientation table travels once in the graph (24 bytes per orientation: 38 MB for
-    # a 1.5° search), on purpose (see space_node); distributed's warning would only alarm.
+    # Computed once and held for the whole run: every micrograph's graph refers to them.
+    # The orientation table travels once, as a graph literal rather than scattered data,
+    # so that Dask can recompute it after losing a worker; distributed's large-graph
+    # warning (24 bytes per orientation: 38 MB for a 1.5° search) would only alarm.
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
-        futures = client.compute(roots)
-    plan_of = {future.key: plan for future, plan in zip(futures, todo, strict=True)}
+        space_node, template_node = client.compute(
+            [
+                dask.delayed(space, name=f"space-{run_token}", traverse=False),
+                dask.delayed(tasks.load_template)(
+                    str(config.template_volume_path),
+                    sampling.crop_pixel_size,
+                    config.optics_group.pixel_size,
+                    dask_key_name=f"prepare-template-{run_token}",
+                ),
+            ]
+        )
+    graph = functools.partial(
+        _micrograph_graph,
+        config=config,
+        sampling=sampling,
+        space=space,
+        chunks=chunks,
+        space_node=space_node,
+        template_node=template_node,
+        single=len(plans) == 1,
+        output_dir=output_dir,
+        start=start,
+        device=device,
+        run_token=run_token,
+    )
+    waiting, running = list(reversed(todo)), distributed.as_completed()
+    plan_of: dict[str, MicrographPlan] = {}
+
+    def submit() -> None:
+        """Submit micrographs until enough correlate tasks are in flight."""
+        wanted = TASKS_IN_FLIGHT_PER_THREAD * max(1, worker_threads(client))
+        while waiting and (len(plan_of) < 2 or len(plan_of) * len(chunks) < wanted):
+            plan = waiting.pop()
+            future = client.compute(graph(plan))
+            plan_of[future.key] = plan
+            running.add(future)
+
+    per_task = space.n_correlations / max(len(chunks), 1)
     started = time.perf_counter()
     with Progress(client, n_tasks, per_task, stream=out):
-        for future in distributed.as_completed(futures):
-            plan = plan_of[future.key]
+        submit()
+        for future in running:
+            plan = plan_of.pop(future.key)
             try:
                 future.result()
                 plan.status = "done"
@@ -299,10 +303,71 @@ def _run(
             write_run_report(output_dir, plans, None)
             # Only once run.json says the micrograph is done may its checkpoints go.
             if plan.status == "done":
-                shutil.rmtree(output_dir / "checkpoints" / token(plan.name), ignore_errors=True)
+                shutil.rmtree(_checkpoints(output_dir, plan), ignore_errors=True)
+            future.release()  # lets the scheduler forget this micrograph's graph
+            submit()
     with contextlib.suppress(OSError):  # kept while a micrograph still has checkpoints
         (output_dir / "checkpoints").rmdir()
     return n_tasks, len(todo)
+
+
+def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:
+    return output_dir / "checkpoints" / token(plan.name)
+
+
+def _micrograph_graph(
+    plan: MicrographPlan,
+    *,
+    config: MatchConfig,
+    sampling: Sampling,
+    space: SearchSpace,
+    chunks: list[tuple[int, int]],
+    space_node: distributed.Future,
+    template_node: distributed.Future,
+    single: bool,
+    output_dir: Path,
+    start: str,
+    device: str,
+    run_token: str,
+) -> Delayed:
+    """The graph of one micrograph's search, ending in the task that writes its maps."""
+    tok = token(f"{run_token}/{plan.name}")
+    job = tasks.MicrographTask(
+        plan.name,
+        str(plan.entry.micrograph_path),
+        plan.optics,
+        sampling.box,
+        config.preprocessing_filters.settings(sampling.pixel_size),
+        config.correlation_mode,
+        sampling.crop_pixel_size,
+        config.optics_group.pixel_size,
+    )
+    image_node = dask.delayed(tasks.load_micrograph)(
+        job, space.defocus, dask_key_name=f"prepare-{tok}"
+    )
+    tree, _ = search_graph(
+        tok,
+        image_node,
+        template_node,
+        space_node,
+        chunks,
+        split_every=config.cluster.split_every,
+        checkpoint_dir=_checkpoints(output_dir, plan),
+        device=device,
+    )
+    extra = config.match_template_result.map_paths() if config.match_template_result else None
+    root: Delayed = dask.delayed(persist)(
+        tree,
+        space_node,
+        output_dir=str(output_dir),
+        group=None if single else plan.name,
+        prefix="" if single else f"{plan.name}_",
+        pixel_size=plan.optics.pixel_size,
+        attrs=dataset_attrs(config, plan, sampling, space, start),
+        extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
+        dask_key_name=f"persist-{tok}",
+    )
+    return root
 
 
 def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from dask.utils import key_split
 from datasets import match_config, write_config, write_dataset
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, SchedulerPlugin
 
 from dtm.config import MatchConfig
 from dtm.errors import ConfigError
@@ -146,6 +147,20 @@ def test_lost_worker_gives_identical_maps(data, reference, dask_cli_cluster, tmp
         dask_cli_cluster.restore_workers()
 
 
+class _MicrographsOnScheduler(SchedulerPlugin):
+    """The most micrographs whose graphs (their persist tasks) the scheduler held at once."""
+
+    name = "dtm-test-micrographs-on-scheduler"
+
+    def __init__(self, scheduler: object) -> None:
+        self.scheduler = scheduler
+        self.most = 0
+
+    def transition(self, key: object, start: str, finish: str, *args, **kwargs) -> None:
+        held = sum(key_split(k) == "persist" for k in self.scheduler.tasks)
+        self.most = max(self.most, held)
+
+
 def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
     data, reference, client, tmp_path
 ):
@@ -165,7 +180,14 @@ def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
     del config["micrograph_path"]
     config["micrograph_table"] = str(tmp_path / "mics.csv")
     printed = io.StringIO()
-    results = match_template(MatchConfig.model_validate(config), client=client, out=printed)
+    watch = _MicrographsOnScheduler(client.cluster.scheduler)
+    client.cluster.scheduler.add_plugin(watch)
+    try:
+        results = match_template(MatchConfig.model_validate(config), client=client, out=printed)
+    finally:
+        client.cluster.scheduler.remove_plugin(watch.name)
+    # 69 tasks per micrograph keep 2 threads busy: two micrographs in flight at most.
+    assert watch.most == 2
     assert set(results) == {"mic0", "mic1", "mic2"}
     n_chunks = math.ceil(552 / FINE_CLUSTER["chunk_size"])
     expected = f"3 micrograph(s) (1 skipped); {3 * n_chunks} tasks ({n_chunks} per micrograph)"

@@ -34,6 +34,16 @@ def checkpoint_file(checkpoint_dir: Path, group: int) -> Path:
     return checkpoint_dir / f"group-{group:06d}.npz"
 
 
+def leaves_to_compute(n_chunks: int, split_every: int, checkpoint_dir: Path | None) -> int:
+    """Correlate tasks that :func:`search_graph` will hold: those without a checkpoint."""
+    groups = range(0, n_chunks, split_every)
+    return sum(
+        min(split_every, n_chunks - first)
+        for group, first in enumerate(groups)
+        if checkpoint_dir is None or not checkpoint_file(checkpoint_dir, group).exists()
+    )
+
+
 def search_graph(
     key: str,
     image: Any,
