@@ -308,7 +308,7 @@ def _run(
             submit()
     with contextlib.suppress(OSError):  # kept while a micrograph still has checkpoints
         (output_dir / "checkpoints").rmdir()
-    return n_tasks, len(todo)
+    return n_tasks, sum(plan.status == "done" for plan in todo)
 
 
 def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:
@@ -345,7 +345,7 @@ def _micrograph_graph(
     image_node = dask.delayed(tasks.load_micrograph)(
         job, space.defocus, dask_key_name=f"prepare-{tok}"
     )
-    tree, _ = search_graph(
+    tree = search_graph(
         tok,
         image_node,
         template_node,

@@ -54,7 +54,7 @@ def search_graph(
     split_every: int,
     checkpoint_dir: Path | None,
     device: str = "cpu",
-) -> tuple[Delayed, int]:
+) -> Delayed:
     """The merge tree of one micrograph's search.
 
     Parameters
@@ -74,12 +74,11 @@ def search_graph(
 
     Returns
     -------
-    (Delayed, int)
-        The root (complete :class:`~dtm.search.stats.PartialStats`) and the number of
-        correlate tasks in the graph (those not covered by checkpoints).
+    Delayed
+        The root (complete :class:`~dtm.search.stats.PartialStats`); its correlate tasks,
+        those not covered by checkpoints, number :func:`leaves_to_compute`.
     """
     level: list[Delayed] = []
-    n_leaves = 0
     for group, first in enumerate(range(0, len(chunks), split_every)):
         members = range(first, min(first + split_every, len(chunks)))
         path = None if checkpoint_dir is None else checkpoint_file(checkpoint_dir, group)
@@ -99,7 +98,6 @@ def search_graph(
                 )
                 for i in members
             ]
-            n_leaves += len(leaves)
             node = dask.delayed(tasks.merge)(
                 *leaves,
                 checkpoint=None if path is None else str(path),
@@ -115,4 +113,4 @@ def search_graph(
             )
             for i in range(0, len(level), split_every)
         ]
-    return level[0], n_leaves
+    return level[0]
