@@ -36,6 +36,10 @@ class Progress:
         Correlate tasks of this run.
     correlations_per_task : float
         Average correlations per task (for the rate).
+    stream : file, optional
+        Where to print (default: standard output). A terminal gets one line redrawn every
+        ``interval`` seconds; a log gets a line every ``log_every`` seconds while tasks
+        remain, and the final line once.
     """
 
     def __init__(
@@ -46,12 +50,14 @@ class Progress:
         *,
         stream: TextIO | None = None,
         interval: float = 1.0,
+        log_every: float = 10.0,
     ) -> None:
         self.client = client
         self.n_tasks = n_tasks
         self.correlations_per_task = correlations_per_task
         self.stream = sys.stdout if stream is None else stream
         self.interval = interval
+        self.log_every = log_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._baseline = 0
@@ -96,7 +102,9 @@ class Progress:
         )
         if self.stream.isatty():
             self.stream.write("\r" + line + ("\n" if final else ""))
-        elif final or elapsed - self._last_print >= 10:
+        elif final or (self.done < self.n_tasks and elapsed - self._last_print >= self.log_every):
+            # In a log (not a terminal): a line every log_every s while tasks remain, and
+            # the final line once.
             self._last_print = elapsed
             self.stream.write(line + "\n")
         self.stream.flush()
