@@ -155,7 +155,7 @@ def run_demo(
     out = Path(out)
     if claim_directory(out):
         print(f"demo: replacing the earlier demo in {out}", file=stream)
-        # Results of the earlier demo, and tables refined from them, would be stale.
+        # Maps and peaks of the earlier data must not survive beside the new data.
         shutil.rmtree(out / "results", ignore_errors=True)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"

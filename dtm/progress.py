@@ -103,8 +103,6 @@ class Progress:
         if self.stream.isatty():
             self.stream.write("\r" + line + ("\n" if final else ""))
         elif final or (self.done < self.n_tasks and elapsed - self._last_print >= self.log_every):
-            # In a log (not a terminal): a line every log_every s while tasks remain, and
-            # the final line once.
             self._last_print = elapsed
             self.stream.write(line + "\n")
         self.stream.flush()
