@@ -81,16 +81,14 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _peaks(args: argparse.Namespace) -> None:
-    from dtm.peaks import repick
+    from dtm.peaks import repick, threshold_summary
 
-    table = repick(
-        args.results_dir,
-        false_positives=args.false_positives,
-        z_score_cutoff=args.z_cutoff,
-        min_distance=args.min_distance,
-        border=args.border,
+    cut = {"false_positives": args.false_positives, "z_score_cutoff": args.z_cutoff}
+    table = repick(args.results_dir, **cut, min_distance=args.min_distance, border=args.border)
+    print(
+        f"{len(table)} peaks above {threshold_summary(args.results_dir, **cut)} written to "
+        f"{args.results_dir}/peaks.csv"
     )
-    print(f"{len(table)} peaks written to {args.results_dir}/peaks.csv")
 
 
 def _report(args: argparse.Namespace) -> None:

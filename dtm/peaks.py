@@ -20,7 +20,7 @@ import xarray as xr
 import zarr
 
 from dtm.errors import ConfigError, InputError
-from dtm.io.store import result_groups
+from dtm.io.store import open_results, result_groups
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
 from dtm.picking import default_min_distance, pick_peaks, threshold
 
@@ -28,11 +28,14 @@ from dtm.picking import default_min_distance, pick_peaks, threshold
 __all__ = [
     "PEAK_COLUMNS",
     "default_min_distance",
+    "map_threshold",
     "peaks_dataframe",
     "peaks_table",
     "pick_peaks",
     "repick",
     "threshold",
+    "threshold_label",
+    "threshold_summary",
 ]
 
 #: Statistic maps of the results dataset copied into the table (map name = column name,
@@ -99,6 +102,48 @@ def _min_distance_pixels(
     return default_min_distance(int(_attr(ds, "template_shape")[-1]))
 
 
+def map_threshold(
+    ds: xr.Dataset, *, false_positives: float = 1.0, z_score_cutoff: float | None = None
+) -> float:
+    """The z-score cut-off ``z*`` of one micrograph's results (SPEC §4).
+
+    ``z_score_cutoff`` when given, else :func:`threshold` for ``false_positives`` over the
+    positions of the search region and the dataset's ``total_correlations``. Reads only
+    metadata.
+    """
+    if z_score_cutoff is not None:
+        return float(z_score_cutoff)
+    region = _search_region(ds)
+    n_positions = region.sizes["y"] * region.sizes["x"]
+    return threshold(n_positions, int(_attr(ds, "total_correlations")), false_positives)
+
+
+def threshold_label(cutoffs: list[float], false_positives: float | None) -> str:
+    """``z* = 7.41 (1 false positive per micrograph)`` for a person; a range when the
+    micrographs' cut-offs differ; ``(fixed)`` when ``false_positives`` is None."""
+    low, high = f"{min(cutoffs):.2f}", f"{max(cutoffs):.2f}"
+    span = low if low == high else f"{low}–{high}"
+    if false_positives is None:
+        return f"z* = {span} (fixed)"
+    plural = "s" * (false_positives != 1)
+    return f"z* = {span} ({false_positives:g} false positive{plural} per micrograph)"
+
+
+def threshold_summary(
+    results: str | os.PathLike[str],
+    *,
+    false_positives: float | None = None,
+    z_score_cutoff: float | None = None,
+) -> str:
+    """:func:`threshold_label` of the cut-offs of every micrograph of a results store, as
+    :func:`repick` applies them (same defaults). Reads only metadata."""
+    if z_score_cutoff is not None:
+        return threshold_label([float(z_score_cutoff)], None)
+    fp = 1.0 if false_positives is None else float(false_positives)
+    datasets = open_results(_store_url(results)).values()
+    return threshold_label([map_threshold(ds, false_positives=fp) for ds in datasets], fp)
+
+
 def peaks_table(
     ds: xr.Dataset,
     *,
@@ -139,11 +184,7 @@ def peaks_table(
         label = ds.attrs.get("micrograph_name", "results dataset")
         raise InputError(f"{label}: results lack {', '.join(missing)}")
     region = _search_region(ds)
-    if z_score_cutoff is None:
-        n_positions = region.sizes["y"] * region.sizes["x"]
-        cutoff = threshold(n_positions, int(ds.attrs["total_correlations"]), false_positives)
-    else:
-        cutoff = float(z_score_cutoff)
+    cutoff = map_threshold(ds, false_positives=false_positives, z_score_cutoff=z_score_cutoff)
     distance = _min_distance_pixels(ds, min_distance, min_distance_angstrom)
     peaks = pick_peaks(region["scaled_mip"].values, cutoff, min_distance=distance, border=border)
     iy, ix = peaks[:, 0], peaks[:, 1]

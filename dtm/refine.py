@@ -51,7 +51,8 @@ __all__ = [
 
 
 def refine_settings(config: RefineConfig, template_box: int) -> RefineSettings:
-    """The local search of a refine configuration for a template of ``template_box`` px.
+    """The local search of a refine configuration for a template of ``template_box`` px
+    (read from ``config.template_volume_path``).
 
     Raises
     ------
@@ -61,8 +62,8 @@ def refine_settings(config: RefineConfig, template_box: int) -> RefineSettings:
     by, bx = (int(n) for n in config.particle_stack.extracted_box_size)
     if by < template_box or bx < template_box:
         raise ConfigError(
-            f"particle_stack.extracted_box_size: ({by}, {bx}) must be at least the template "
-            f"box {template_box} px"
+            f"{config.template_volume_path}: the template box {template_box} px is larger than "
+            f"particle_stack.extracted_box_size ({by}, {bx})"
         )
     # By default every position of the box: ± half the margin around the particle.
     margin = ((by - template_box) // 2, (bx - template_box) // 2)

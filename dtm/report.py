@@ -33,8 +33,7 @@ from scipy.special import log_ndtr  # noqa: E402
 
 from dtm.errors import OutputError  # noqa: E402
 from dtm.io.results import MicrographResults, open_micrographs, output_directory, read_peaks  # noqa: E402
-from dtm.peaks import _search_region  # noqa: E402
-from dtm.picking import threshold  # noqa: E402
+from dtm.peaks import _search_region, map_threshold, threshold_label  # noqa: E402
 
 #: Columns of the peak table shown in the report.
 TABLE_COLUMNS = [
@@ -98,14 +97,10 @@ def report_threshold(dataset: xr.Dataset) -> tuple[float, str]:
     """The z-score threshold of the run (from its configuration) and how it was set."""
     config = json.loads(dataset.attrs.get("config") or "{}")
     peaks = config.get("peaks") or {}
-    if peaks.get("z_score_cutoff") is not None:
-        cutoff = float(peaks["z_score_cutoff"])
-        return cutoff, f"z* = {cutoff:.2f} (fixed)"
+    fixed = peaks.get("z_score_cutoff")
     false_positives = float(peaks.get("false_positives") or 1.0)
-    region = _search_region(dataset)
-    n_positions = region.sizes["y"] * region.sizes["x"]
-    cutoff = threshold(n_positions, int(dataset.attrs["total_correlations"]), false_positives)
-    return cutoff, f"z* = {cutoff:.2f} ({false_positives:g} false positive per micrograph)"
+    cutoff = map_threshold(dataset, false_positives=false_positives, z_score_cutoff=fixed)
+    return cutoff, threshold_label([cutoff], None if fixed is not None else false_positives)
 
 
 def _png(figure: plt.Figure) -> str:

@@ -18,6 +18,7 @@ from distributed import Client, LocalCluster
 from dtm.config import MatchConfig
 from dtm.io.store import open_results
 from dtm.match import match_template
+from dtm.picking import threshold
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow
@@ -170,8 +171,14 @@ def test_peaks_and_report_commands_on_a_finished_run(valid_run, dataset, tmp_pat
     shutil.copytree(out, strict)
     assert main(["peaks", str(strict), "--z-cutoff", "1000"]) == 0
     assert len(pd.read_csv(strict / "peaks.csv")) == 0
+    assert "0 peaks above z* = 1000.00 (fixed) written to" in capsys.readouterr().out
     assert main(["peaks", str(strict)]) == 0
-    _assert_particles_found(pd.read_csv(strict / "peaks.csv"), dataset["particles"])
+    picked = pd.read_csv(strict / "peaks.csv")
+    _assert_particles_found(picked, dataset["particles"])
+    mip = open_results(strict)["micrograph"].scaled_mip  # valid mode: every pixel counts
+    z = threshold(mip.size, int(picked["total_correlations"][0]))
+    expected = f"{len(picked)} peaks above z* = {z:.2f} (1 false positive per micrograph)"
+    assert expected in capsys.readouterr().out
     assert main(["report", str(strict)]) == 0
     html = (strict / "report.html").read_text()
     assert "data:image/png;base64" in html and "micrograph" in html

@@ -15,7 +15,14 @@ import xarray as xr
 from scipy.spatial import cKDTree
 
 from dtm.errors import ConfigError, InputError
-from dtm.peaks import PEAK_COLUMNS, peaks_dataframe, peaks_table, repick
+from dtm.peaks import (
+    PEAK_COLUMNS,
+    map_threshold,
+    peaks_dataframe,
+    peaks_table,
+    repick,
+    threshold_summary,
+)
 from dtm.picking import default_min_distance, pick_peaks, threshold
 
 # Typed from the seed document (seed-data-formats.md), in its order, with its types.
@@ -347,6 +354,26 @@ def test_repick_writes_tables_and_keeps_old_ones_on_error(tmp_path):
         repick(tmp_path, false_positives=1.0)
     assert (tmp_path / "peaks.csv").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_threshold_summary_names_the_cutoffs_repick_applies(tmp_path):
+    small = make_results("a", {(10, 10): 20.0}, image_shape=(96, 80), total_correlations=1000)
+    large = make_results("b", {(10, 10): 20.0}, image_shape=(196, 180), total_correlations=1000)
+    write_store(tmp_path / "results.zarr", [small, large])
+    z_small = threshold((96 - TEMPLATE + 1) * (80 - TEMPLATE + 1), 1000, 2.0)
+    z_large = threshold((196 - TEMPLATE + 1) * (180 - TEMPLATE + 1), 1000, 2.0)
+    assert z_small < z_large
+    assert map_threshold(small, false_positives=2.0) == z_small
+    assert threshold_summary(tmp_path, false_positives=2.0) == (
+        f"z* = {z_small:.2f}–{z_large:.2f} (2 false positives per micrograph)"
+    )
+    one = threshold((96 - TEMPLATE + 1) * (80 - TEMPLATE + 1), 1000)
+    write_store(tmp_path / "one.zarr", [small])
+    assert (
+        threshold_summary(tmp_path / "one.zarr")
+        == f"z* = {one:.2f} (1 false positive per micrograph)"
+    )
+    assert threshold_summary(tmp_path, z_score_cutoff=7.5) == "z* = 7.50 (fixed)"
 
 
 def test_repick_rejects_bad_input(tmp_path):

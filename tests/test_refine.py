@@ -293,8 +293,12 @@ def test_bad_inputs_raise_one_line_errors(coarse: dict[str, Any], tmp_path: Path
             "extracted_box_size": [48, 48],
         },
     )
-    with pytest.raises(ConfigError, match="extracted_box_size"):
+    with pytest.raises(ConfigError) as small_error:
         refine_template(small)
+    assert str(small_error.value).startswith(
+        f"{coarse['dir'] / 'template.mrc'}: the template box {BOX} px"
+    )
+    assert "extracted_box_size (48, 48)" in str(small_error.value)
     other = tmp_path / "template.mrc"
     write_map(other, simulate_template(BOX, pixel_size=2.0, n_atoms=50), pixel_size=2.0)
     mismatch = _refine_config(coarse, "mismatch", template_volume_path=str(other))
