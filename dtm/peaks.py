@@ -214,6 +214,9 @@ def peaks_table(
         **{col: [str(map_paths.get(key, ""))] * n for col, key in _MAP_PATH_COLUMNS.items()},
         "micrograph_name": [str(attrs["micrograph_name"])] * n,
         "particle_index": np.arange(n, dtype=np.int64),
+        "micrograph_pixel_size": np.full(
+            n, float(attrs.get("original_pixel_size", pixel_size)), dtype=np.float64
+        ),
     }
     return coerce_peak_dtypes(pd.DataFrame({name: columns[name] for name in PEAK_COLUMNS}))
 

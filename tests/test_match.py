@@ -11,6 +11,7 @@ import mrcfile
 import numpy as np
 import pandas as pd
 import pytest
+import starfile
 import xarray as xr
 from datasets import BOX, PIXEL_SIZE, match_config, write_config, write_dataset
 from distributed import Client, LocalCluster
@@ -207,6 +208,15 @@ def test_high_resolution_limit_searches_cropped_data(dataset, two_workers, tmp_p
         centre = (int(best.y) + 24) * 4.0, (int(best.x) + 24) * 4.0
         truth = (p.pos_y + BOX // 2) * PIXEL_SIZE, (p.pos_x + BOX // 2) * PIXEL_SIZE
         assert np.hypot(centre[0] - truth[0], centre[1] - truth[1]) <= 4.0 * np.sqrt(2)
+    # RELION reads coordinates in pixels of the micrograph file, not of the cropped maps.
+    particles = starfile.read(tmp_path / "peaks.star", always_dict=True)["particles"]
+    assert (particles["rlnMicrographPixelSize"] == PIXEL_SIZE).all()
+    for p in dataset["particles"]:
+        offset = np.hypot(
+            particles["rlnCoordinateY"] - (p.pos_y + BOX // 2),
+            particles["rlnCoordinateX"] - (p.pos_x + BOX // 2),
+        )
+        assert offset.min() <= 2 * np.sqrt(2) + 0.5  # one 4 Å pixel, rounded to 2 Å pixels
 
 
 def test_fixed_z_score_cutoff_from_the_configuration(dataset, two_workers, tmp_path):

@@ -151,7 +151,7 @@ def greedy_reference(values: np.ndarray, cutoff: float, min_distance: float) -> 
 
 def test_columns_and_dtypes_are_the_seeds():
     names = [name for name, _ in SEED_COLUMNS]
-    assert PEAK_COLUMNS == [*names, "micrograph_name", "particle_index"]
+    assert PEAK_COLUMNS == [*names, "micrograph_name", "particle_index", "micrograph_pixel_size"]
     table = peaks_table(make_results("m1", {(10, 12): 30.0, (50, 40): 25.0}))
     assert list(table.columns) == PEAK_COLUMNS
     expected = {"float": np.dtype("float64"), "int": np.dtype("int64")}

@@ -36,6 +36,7 @@ def make_table(rows_per_micrograph: dict[str, int], seed: int = 0) -> pd.DataFra
                 part[column] = [f"/data/{name} dir/{column}.mrc"] * n
         part["micrograph_name"] = [name] * n
         part["particle_index"] = np.arange(n)
+        part["micrograph_pixel_size"] = part["pixel_size"]  # a search without cropping
         part["mip_path"] = [""] * n  # maps not exported
         part["template_path"] = ["007"] * n  # looks like a number, must stay text
         parts.append(pd.DataFrame(part))
@@ -96,6 +97,19 @@ def test_star_uses_relion_labels_and_conventions(tmp_path):
     one = table.iloc[:1]
     write_star(one, tmp_path / "one.star")
     pd.testing.assert_frame_equal(read_star(tmp_path / "one.star"), one)
+
+
+def test_star_coordinates_of_a_cropped_search_are_in_micrograph_pixels():
+    # high_resolution_limit 10 Å on a 2.5 Å micrograph: maps and pos_* at 5 Å per pixel.
+    table = make_table({"m1": 2}).assign(
+        pos_x_img=[25, 40], pos_y_img=[85, 7], pixel_size=5.0, micrograph_pixel_size=2.5
+    )
+    particles = to_star(table)
+    assert particles["rlnCoordinateX"].tolist() == [50, 80]
+    assert particles["rlnCoordinateY"].tolist() == [170, 14]
+    assert particles["rlnMicrographPixelSize"].tolist() == [2.5, 2.5]
+    older = table.drop(columns=["micrograph_pixel_size"])  # written before the column
+    assert to_star(older)["rlnCoordinateX"].tolist() == [25, 40]
 
 
 def test_plain_relion_star_maps_back_to_dtm_names(tmp_path):

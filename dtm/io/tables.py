@@ -1,14 +1,18 @@
 """Particle tables on disk: CSV, parquet (partitioned by micrograph) and RELION STAR.
 
 The columns are those of the user's seed document (``seed-data-formats.md``), in its order,
-followed by ``micrograph_name`` and ``particle_index``; :data:`PEAK_DTYPES` gives their types
+followed by ``micrograph_name``, ``particle_index`` and ``micrograph_pixel_size`` (the
+micrograph file's pixel size: ``pixel_size`` and the positions are at the cropped sampling
+of a search with ``high_resolution_limit``); :data:`PEAK_DTYPES` gives their types
 (ints ``int64``, floats ``float64``, text the pandas string type). Extra columns (e.g. the
 ``refined_*`` columns of refine-template) are carried through unchanged.
 
 STAR export (:func:`to_star`) follows RELION's conventions:
 
-- ``rlnCoordinateX/Y`` are the particle centre in micrograph pixels (``pos_x_img``,
-  ``pos_y_img``). RELION extracts a box of size n around ``round(coordinate)`` with its
+- ``rlnCoordinateX/Y`` are the particle centre in pixels of the micrograph file
+  (``pos_x_img``, ``pos_y_img``, rescaled to ``micrograph_pixel_size`` and rounded when the
+  search was Fourier-cropped), and ``rlnMicrographPixelSize`` is that file's pixel size.
+  RELION extracts a box of size n around ``round(coordinate)`` with its
   centre at index ``n // 2`` of 0-based image arrays, the same convention as dtm's.
 - ``rlnAngleRot, rlnAngleTilt, rlnAnglePsi`` = dtm's ``phi, theta, psi`` without change.
   RELION's ``Euler_angles2matrix(rot, tilt, psi)`` is ``A = Rz(-psi) Ry(-tilt) Rz(-rot)``,
@@ -17,8 +21,8 @@ STAR export (:func:`to_star`) follows RELION's conventions:
   (SPEC §2). No sign change or inversion is needed (the same holds for cisTEM/Leopard-EM).
 - ``rlnDefocusU/V`` = ``defocus_u/v + relative_defocus`` (the particle's absolute defocus,
   Å), ``rlnDefocusAngle`` = ``astigmatism_angle``; optics per particle in the RELION 3.0
-  style (``rlnVoltage`` kV, ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``,
-  ``rlnMicrographPixelSize`` Å — RELION ≥ 3.1 converts such files on reading).
+  style (``rlnVoltage`` kV, ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``;
+  RELION ≥ 3.1 converts such files on reading).
   ``rlnDetectorPixelSize`` is not written: RELION defines it in µm, with ``rlnMagnification``.
 - ``rlnAutopickFigureOfMerit`` = ``scaled_mip``.
 
@@ -37,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.dataframe as dd
+import numpy as np
 import pandas as pd
 import starfile
 
@@ -85,7 +90,12 @@ SEED_DTYPES: dict[str, str] = {
 }
 
 #: All columns of a dtm peak table → dtype: the seed's, then the micrograph and particle ids.
-PEAK_DTYPES: dict[str, str] = {**SEED_DTYPES, "micrograph_name": _STR, "particle_index": _INT}
+PEAK_DTYPES: dict[str, str] = {
+    **SEED_DTYPES,
+    "micrograph_name": _STR,
+    "particle_index": _INT,
+    "micrograph_pixel_size": _FLOAT,
+}
 
 #: The ordered columns of a dtm peak table.
 PEAK_COLUMNS: list[str] = list(PEAK_DTYPES)
@@ -95,8 +105,6 @@ _STRING_COLUMNS = [name for name, dtype in PEAK_DTYPES.items() if dtype == _STR]
 #: dtm column → RELION label, for the columns copied as they are.
 _STAR_COPIED = {
     "micrograph_path": "rlnMicrographName",
-    "pos_x_img": "rlnCoordinateX",
-    "pos_y_img": "rlnCoordinateY",
     "phi": "rlnAngleRot",
     "theta": "rlnAngleTilt",
     "psi": "rlnAnglePsi",
@@ -106,8 +114,17 @@ _STAR_COPIED = {
     "voltage": "rlnVoltage",
     "spherical_aberration": "rlnSphericalAberration",
     "amplitude_contrast_ratio": "rlnAmplitudeContrast",
-    "pixel_size": "rlnMicrographPixelSize",
     "scaled_mip": "rlnAutopickFigureOfMerit",
+}
+
+#: RELION label → dtm column, for reading a STAR file without a ``dtm`` block.
+_FROM_STAR = {
+    **{label: name for name, label in _STAR_COPIED.items()},
+    "rlnCoordinateX": "pos_x_img",
+    "rlnCoordinateY": "pos_y_img",
+    "rlnDefocusU": "defocus_u",
+    "rlnDefocusV": "defocus_v",
+    "rlnMicrographPixelSize": "pixel_size",
 }
 
 
@@ -155,14 +172,33 @@ def to_star(df: pd.DataFrame) -> pd.DataFrame:
     pandas.DataFrame
         One row per particle, ``rln*`` columns.
     """
-    missing = [name for name in [*_STAR_COPIED, "defocus_u", "defocus_v"] if name not in df]
+    needed = [*_STAR_COPIED, "pos_x_img", "pos_y_img", "defocus_u", "defocus_v", "pixel_size"]
+    missing = [name for name in needed if name not in df]
     if missing:
         raise InputError(f"STAR export: the table lacks column(s) {', '.join(missing)}")
-    star = pd.DataFrame({label: df[name].to_numpy() for name, label in _STAR_COPIED.items()})
-    relative = df["relative_defocus"].to_numpy() if "relative_defocus" in df else 0.0
-    star.insert(6, "rlnDefocusU", df["defocus_u"].to_numpy() + relative)
-    star.insert(7, "rlnDefocusV", df["defocus_v"].to_numpy() + relative)
-    return star
+    column = {name: df[name].to_numpy() for name in df.columns}
+    # Tables written before the column existed hold positions at the micrograph's sampling.
+    file_pixel = column.get("micrograph_pixel_size", column["pixel_size"])
+    scale = column["pixel_size"] / file_pixel
+
+    def in_file_pixels(centre: np.ndarray) -> np.ndarray:
+        return np.where(scale == 1.0, centre, np.rint(centre * scale)).astype(np.int64)
+
+    relative = column.get("relative_defocus", 0.0)
+    copied = {label: column[name] for name, label in _STAR_COPIED.items()}
+    figure_of_merit = copied.pop("rlnAutopickFigureOfMerit")
+    star = {
+        "rlnMicrographName": copied.pop("rlnMicrographName"),
+        "rlnCoordinateX": in_file_pixels(column["pos_x_img"]),
+        "rlnCoordinateY": in_file_pixels(column["pos_y_img"]),
+        **{label: copied.pop(label) for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")},
+        "rlnDefocusU": column["defocus_u"] + relative,
+        "rlnDefocusV": column["defocus_v"] + relative,
+        **copied,
+        "rlnMicrographPixelSize": file_pixel,
+        "rlnAutopickFigureOfMerit": figure_of_merit,
+    }
+    return pd.DataFrame(star)
 
 
 def _shortest_floats(df: pd.DataFrame) -> pd.DataFrame:
@@ -197,9 +233,8 @@ def read_star(path: str | os.PathLike[str]) -> pd.DataFrame:
     particles = blocks.get("particles", next(iter(blocks.values()), None))
     if not isinstance(particles, pd.DataFrame):
         raise InputError(f"{path}: no particle table (loop_ block) in this STAR file")
-    labels = {label: name for name, label in _STAR_COPIED.items()}
-    labels |= {"rlnDefocusU": "defocus_u", "rlnDefocusV": "defocus_v"}
-    table = particles[[label for label in labels if label in particles]].rename(columns=labels)
+    present = [label for label in _FROM_STAR if label in particles]
+    table = particles[present].rename(columns=_FROM_STAR)
     table = table.assign(relative_defocus=0.0)
     return coerce_peak_dtypes(table, source=str(path))
 
