@@ -154,18 +154,15 @@ def jobqueue_cluster(cluster: ClusterConfig | None, device: str | None = None) -
     does: threads of a worker would share its GPU's memory, about five FFT batches per
     running task) and ``memory / N`` of host memory; the job still books ``cores`` CPUs.
 
+    ``cores`` and ``memory`` (per job) are required by the configuration's validation.
+
     Raises
     ------
-    ConfigError
-        If ``cores`` or ``memory`` (per job) is missing.
     ClusterError
         If ``dask-jobqueue`` is not installed.
     """
     kind = str(setting(cluster, "kind"))
     jobqueue = _import_extra(kind)
-    for field in ("cores", "memory"):
-        if setting(cluster, field) is None:
-            raise ConfigError(f"cluster.{field}: required for kind {kind} (per job)")
     cores, memory = int(setting(cluster, "cores")), str(setting(cluster, "memory"))
     gpus = int(setting(cluster, "gpus_per_job", 0))
     if gpus == 0 and (device or setting(cluster, "device", "cpu")) == "gpu":
@@ -214,17 +211,15 @@ def kubernetes_cluster_spec(
     workers run ``dask cuda worker`` and, when ``resources`` is not given, each asks for
     one ``nvidia.com/gpu``: without it Kubernetes would start them without a GPU.
 
+    ``cluster.image`` is required by the configuration's validation.
+
     Raises
     ------
-    ConfigError
-        If ``cluster.image`` is missing.
     ClusterError
         If ``dask-kubernetes`` is not installed.
     """
     operator = _import_extra("kubernetes")
     image = setting(cluster, "image")
-    if image is None:
-        raise ConfigError("cluster.image: required for kind kubernetes (an image with dtm)")
     gpu = (device or setting(cluster, "device", "cpu")) == "gpu"
     spec: dict[str, Any] = operator.make_cluster_spec(
         name=setting(cluster, "name", "dtm"),

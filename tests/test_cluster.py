@@ -106,8 +106,11 @@ def test_missing_scheduler_file_is_a_cluster_error(tmp_path):
 def test_resolve_kind_overrides():
     assert resolve_kind(None) == "local"
     assert resolve_kind(None, device="gpu") == "gpu-local"
-    assert resolve_kind(ClusterConfig(kind="slurm"), device="gpu") == "slurm"
-    assert resolve_kind(ClusterConfig(kind="pbs"), scheduler_address="tcp://h:1") == "address"
+    job = {"cores": 8, "memory": "32GB"}
+    assert resolve_kind(ClusterConfig(kind="slurm", **job), device="gpu") == "slurm"
+    assert (
+        resolve_kind(ClusterConfig(kind="pbs", **job), scheduler_address="tcp://h:1") == "address"
+    )
 
 
 @pytest.mark.parametrize(
@@ -115,7 +118,7 @@ def test_resolve_kind_overrides():
     [
         ("slurm", "dask_jobqueue", "dtm[slurm]"),
         ("pbs", "dask_jobqueue", "dtm[pbs]"),
-        ("kubernetes", "dask_kubernetes", "dtm[kubernetes]"),
+        ("kubernetes", "dask_kubernetes.operator", "dtm[kubernetes]"),
     ],
 )
 def test_missing_optional_dependency_names_the_extra(monkeypatch, kind, module, extra):

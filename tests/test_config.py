@@ -274,6 +274,25 @@ def test_angle_ranges_need_c1(tmp_path: Path) -> None:
             {"cluster": {"kind": "slurm", "scheduler_address": "tcp://h:8786"}},
             "cluster.kind: scheduler_address needs kind address (got 'slurm')",
         ),
+        ({"cluster": {"kind": "pbs", "cores": 8}}, "cluster.memory: required with kind pbs"),
+        ({"cluster": {"kind": "kubernetes"}}, "cluster.image: required with kind kubernetes"),
+        (
+            {"orientation_search_config": {"theta_max": 200}},
+            "orientation_search_config.theta_max: Input should be less than or equal to 180",
+        ),
+        (
+            {
+                "optics_group": {
+                    "label": "g",
+                    "pixel_size": 1.0,
+                    "voltage": 300,
+                    "defocus_u": 1e4,
+                    "defocus_v": 1e4,
+                    "amplitude_contrast_ratio": 1,
+                }
+            },
+            "optics_group.amplitude_contrast_ratio: Input should be less than 1",
+        ),
     ],
 )
 def test_other_rules(tmp_path: Path, changes: dict[str, Any], expected: str) -> None:

@@ -113,3 +113,15 @@ class ClusterConfig(_Model):
         elif self.kind == "address" and not self.scheduler_address:
             raise _Problem("required with kind address", "scheduler_address")
         return self
+
+    @model_validator(mode="after")
+    def _settings_of_the_kind(self) -> ClusterConfig:
+        required: dict[str, tuple[str, ...]] = {
+            "slurm": ("cores", "memory"),
+            "pbs": ("cores", "memory"),
+            "kubernetes": ("image",),
+        }
+        for name in required.get(self.kind, ()):
+            if getattr(self, name) is None:
+                raise _Problem(f"required with kind {self.kind}", name)
+        return self

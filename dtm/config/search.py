@@ -46,7 +46,7 @@ class OpticsGroup(_Model):
     """Acceleration voltage, kV."""
     spherical_aberration: NonNegative = 2.7
     """Spherical aberration Cs, mm."""
-    amplitude_contrast_ratio: Annotated[float, Field(ge=0, le=1)] = 0.07
+    amplitude_contrast_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.07
     """Amplitude contrast ratio A (fraction)."""
     phase_shift: float = 0.0
     """Phase-plate phase shift, degrees."""
@@ -127,9 +127,9 @@ class OrientationSearchConfig(_Model):
     """Lowest φ, degrees (default 0)."""
     phi_max: float | None = None
     """Highest φ, degrees (default from the symmetry, 360 for C1)."""
-    theta_min: float | None = None
+    theta_min: Annotated[float, Field(ge=0, le=180)] | None = None
     """Lowest θ, degrees (default 0)."""
-    theta_max: float | None = None
+    theta_max: Annotated[float, Field(ge=0, le=180)] | None = None
     """Highest θ (inclusive), degrees (default from the symmetry, 180 for C1)."""
     psi_min: float | None = None
     """Lowest ψ, degrees (default 0)."""
