@@ -95,11 +95,15 @@ def refined_meta(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_table(table: pd.DataFrame, path: Path, template_pixel_size: float) -> None:
-    """Problems the workers would only meet later: missing paths, pixel-size mismatch."""
+    """Problems the workers would only meet later: missing files, pixel-size mismatch."""
     for column in ("micrograph_path", "correlation_average_path", "correlation_variance_path"):
-        empty = table[column].fillna("").astype(str).str.len() == 0
+        files = table[column].fillna("").astype(str)
+        empty = files.str.len() == 0
         if empty.any():
             raise InputError(f"{path}: column {column} is empty in row {int(np.argmax(empty))}")
+        for name in files.unique():
+            if not Path(name).is_file():
+                raise InputError(f"{path}: {column} {name}: file not found")
     for name in start_columns(table).values():
         if table[name].isna().any():
             raise InputError(f"{path}: column {name} has missing values")

@@ -304,6 +304,13 @@ def test_bad_inputs_raise_one_line_errors(coarse: dict[str, Any], tmp_path: Path
     mismatch = _refine_config(coarse, "mismatch", template_volume_path=str(other))
     with pytest.raises(InputError, match="differs from the template"):
         refine_template(mismatch)
+    moved = coarse["table"].assign(micrograph_path=str(tmp_path / "moved.mrc"))
+    moved.to_csv(tmp_path / "moved.csv", index=False)
+    with pytest.raises(InputError) as missing:
+        refine_template(_refine_config(coarse, "moved", df_path=tmp_path / "moved.csv"))
+    assert str(missing.value) == (
+        f"{tmp_path / 'moved.csv'}: micrograph_path {tmp_path / 'moved.mrc'}: file not found"
+    )
     partial = coarse["table"].drop(columns=["psi"])
     partial.to_csv(tmp_path / "partial.csv", index=False)
     with pytest.raises(InputError, match="psi"):
