@@ -32,7 +32,7 @@ from bokeh.plotting import figure
 from bokeh.server.server import Server
 from tornado.web import RequestHandler
 
-from dtm.errors import InputError
+from dtm.errors import ConfigError, InputError
 from dtm.io.pyramid import PYRAMID_MAPS
 from dtm.io.results import MicrographResults, open_micrographs, read_peaks
 
@@ -301,13 +301,19 @@ def make_server(
     table, source = read_peaks(results)
     state = BrowseState(str(results), micrographs, table, source, plot_pixels)
     application = Application(FunctionHandler(partial(_document, state)))
-    return Server(
-        {"/": application},
-        port=port,
-        address=address,
-        allow_websocket_origin=allow_websocket_origin,
-        extra_patterns=[(r"/status", _StatusHandler, {"state": state})],
-    )
+    try:
+        return Server(
+            {"/": application},
+            port=port,
+            address=address,
+            allow_websocket_origin=allow_websocket_origin,
+            extra_patterns=[(r"/status", _StatusHandler, {"state": state})],
+        )
+    except OSError as error:
+        raise ConfigError(
+            f"--port {port}: cannot listen on {address}:{port} ({error.strerror}); "
+            "choose another port, or 0 for any free one"
+        ) from None
 
 
 def browse(

@@ -198,3 +198,18 @@ def test_server_reads_a_remote_store(results: Path) -> None:
     assert status["peaks"] == {"m1": 3, "m2": 3} and status["peaks_source"] == "peaks.csv"
     assert status["reads"] == 1
     assert status["last_view"]["finite_pixels"] == 300 * 260
+
+
+def test_a_port_in_use_is_a_one_line_error(results: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    from dtm.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("localhost", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["browse", str(results), "--port", str(port)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"dtm: error: --port {port}: cannot listen on localhost:{port} (")
+    assert "\n" not in error
