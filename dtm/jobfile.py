@@ -35,6 +35,7 @@ RUN_OUTPUTS = (
     "peaks.csv",
     "peaks.parquet",
     "peaks.star",
+    "peaks.json",
     "report.html",  # dtm report's default, made from the results above
 )
 

@@ -20,7 +20,7 @@ import xarray as xr
 import zarr
 
 from dtm.errors import ConfigError, InputError
-from dtm.io.store import open_results, result_groups
+from dtm.io.store import open_results, result_groups, store_url, write_json
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
 from dtm.picking import default_min_distance, pick_peaks, threshold
 
@@ -37,6 +37,9 @@ __all__ = [
     "threshold_label",
     "threshold_summary",
 ]
+
+#: Beside the peak tables: the settings that picked them (``dtm peaks`` may change them).
+PICKING_FILE = "peaks.json"
 
 #: Statistic maps of the results dataset copied into the table (map name = column name,
 #: except ``defocus`` → ``relative_defocus``).
@@ -140,7 +143,7 @@ def threshold_summary(
     if z_score_cutoff is not None:
         return threshold_label([float(z_score_cutoff)], None)
     fp = 1.0 if false_positives is None else float(false_positives)
-    datasets = open_results(_store_url(results)).values()
+    datasets = open_results(results).values()
     return threshold_label([map_threshold(ds, false_positives=fp) for ds in datasets], fp)
 
 
@@ -221,12 +224,6 @@ def peaks_table(
     return coerce_peak_dtypes(pd.DataFrame({name: columns[name] for name in PEAK_COLUMNS}))
 
 
-def _store_url(results: str | os.PathLike[str]) -> str:
-    """The ``results.zarr`` store of an output directory, or ``results`` if it is one."""
-    store = str(results).rstrip("/")
-    return store if store.endswith(".zarr") else f"{store}/results.zarr"
-
-
 def _group_peaks(group: str | None, store: str, options: dict[str, Any]) -> pd.DataFrame:
     """One partition: open one micrograph's group (on the worker) and pick its peaks.
 
@@ -262,7 +259,7 @@ def peaks_dataframe(
         One partition per micrograph (groups in name order), columns :data:`PEAK_COLUMNS`.
         Only the store's group listing is read here; each partition opens its own group.
     """
-    store = _store_url(results)
+    store = store_url(results)
     try:
         groups = result_groups(store)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as error:
@@ -302,7 +299,8 @@ def repick(
     """Pick peaks again from ``RESULTS_DIR/results.zarr`` (the ``dtm peaks`` command).
 
     Writes ``peaks.csv``, ``peaks.parquet/`` (partitioned by micrograph) and ``peaks.star``
-    in ``results_dir``, all replaced together only once every one is written.
+    in ``results_dir``, all replaced together only once every one is written, then
+    :data:`PICKING_FILE` with the settings used (what ``dtm report`` shows as the threshold).
 
     Parameters
     ----------
@@ -332,6 +330,8 @@ def repick(
                 "dtm match CONFIG --resume)"
             )
         raise InputError(f"{directory}: no results.zarr here (run dtm match first)")
+    if z_score_cutoff is None and false_positives is None:
+        false_positives = 1.0
     table_graph = peaks_dataframe(
         directory / "results.zarr",
         false_positives=1.0 if false_positives is None else false_positives,
@@ -343,4 +343,12 @@ def repick(
     table = client.compute(table_graph).result() if client is not None else table_graph.compute()
     table = table.reset_index(drop=True)
     write_table(table, directory, "peaks")
+    settings = {
+        "false_positives": false_positives,
+        "z_score_cutoff": z_score_cutoff,
+        "min_distance_pixels": min_distance,
+        "min_distance_angstrom": min_distance_angstrom,
+        "border_pixels": border,
+    }
+    write_json(directory / PICKING_FILE, settings)
     return table

@@ -20,6 +20,7 @@ import io
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,7 +33,14 @@ import xarray as xr  # noqa: E402
 from scipy.special import log_ndtr  # noqa: E402
 
 from dtm.errors import OutputError  # noqa: E402
-from dtm.io.results import MicrographResults, open_micrographs, output_directory, read_peaks  # noqa: E402
+from dtm.io.results import (  # noqa: E402
+    PEAK_TABLES,
+    MicrographResults,
+    open_micrographs,
+    output_directory,
+    read_peaks,
+    read_picking,
+)
 from dtm.peaks import _search_region, map_threshold, threshold_label  # noqa: E402
 
 #: Columns of the peak table shown in the report.
@@ -93,10 +101,13 @@ def survival_curves(
     return z, at_least / values.size, expected_survival(z, n_correlations)
 
 
-def report_threshold(dataset: xr.Dataset) -> tuple[float, str]:
-    """The z-score threshold of the run (from its configuration) and how it was set."""
-    config = json.loads(dataset.attrs.get("config") or "{}")
-    peaks = config.get("peaks") or {}
+def report_threshold(
+    dataset: xr.Dataset, picking: dict[str, Any] | None = None
+) -> tuple[float, str]:
+    """The z-score threshold of a micrograph's peaks and how it was set: from ``picking``
+    (the settings of the last pick, :func:`dtm.io.results.read_picking`), else from the
+    run's configuration."""
+    peaks = picking or json.loads(dataset.attrs.get("config") or "{}").get("peaks") or {}
     fixed = peaks.get("z_score_cutoff")
     false_positives = float(peaks.get("false_positives") or 1.0)
     cutoff = map_threshold(dataset, false_positives=false_positives, z_score_cutoff=fixed)
@@ -210,9 +221,11 @@ dl { display: grid; grid-template-columns: max-content auto; gap: 0 1em; }
 """
 
 
-def _section(micrograph: MicrographResults, peaks: pd.DataFrame) -> str:
+def _section(
+    micrograph: MicrographResults, peaks: pd.DataFrame, picking: dict[str, Any] | None
+) -> str:
     attrs = micrograph.dataset.attrs
-    cutoff, label = report_threshold(micrograph.dataset)
+    cutoff, label = report_threshold(micrograph.dataset, picking)
     facts = {
         "micrograph": attrs.get("micrograph_path", ""),
         "template": attrs.get("template_path", ""),
@@ -259,11 +272,13 @@ def write_report(
     """
     micrographs = open_micrographs(results_dir)
     peaks, source = read_peaks(results_dir)
+    # Without tables read_peaks picked with its default, one false positive per micrograph.
+    picking = read_picking(results_dir) if source in PEAK_TABLES else {"false_positives": 1.0}
     directory = output_directory(results_dir)
     if out is None:
         out = Path(directory) / "report.html" if "://" not in directory else Path("report.html")
     sections = [
-        _section(m, peaks[peaks["micrograph_name"] == m.name].reset_index(drop=True))
+        _section(m, peaks[peaks["micrograph_name"] == m.name].reset_index(drop=True), picking)
         for m in micrographs
     ]
     index = "".join(

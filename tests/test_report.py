@@ -17,8 +17,9 @@ import scipy.stats
 from synthetic_results import write_results
 
 from dtm.errors import InputError
-from dtm.io.results import open_micrographs
+from dtm.io.results import open_micrographs, read_picking
 from dtm.io.tables import read_table
+from dtm.peaks import repick
 from dtm.picking import threshold
 from dtm.report import expected_survival, report_threshold, survival_curves, write_report
 
@@ -64,6 +65,21 @@ def test_threshold_comes_from_the_run_configuration(results: Path) -> None:
     assert "1 false positive" in label
     fixed = dataset.assign_attrs(config=json.dumps({"peaks": {"z_score_cutoff": 7.25}}))
     assert report_threshold(fixed)[0] == 7.25
+
+
+def test_report_shows_the_threshold_of_the_last_pick(tmp_path: Path) -> None:
+    run = write_results(tmp_path / "run")
+    repick(run, false_positives=100.0)
+    picking = read_picking(run)
+    assert picking is not None and picking["false_positives"] == 100.0
+    dataset = open_micrographs(run)[0].dataset
+    cutoff, label = report_threshold(dataset, picking)
+    n_positions = dataset.sizes["y"] * dataset.sizes["x"]
+    assert cutoff == threshold(n_positions, dataset.attrs["total_correlations"], 100.0)
+    page = write_report(run).read_text()
+    assert label == f"z* = {cutoff:.2f} (100 false positives per micrograph)" and label in page
+    repick(run, z_score_cutoff=8.5)
+    assert "z* = 8.50 (fixed)" in write_report(run).read_text()
 
 
 def _images(page: str) -> list[np.ndarray]:

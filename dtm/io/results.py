@@ -6,10 +6,12 @@ The directory may be local or remote: any fsspec URL (``s3://bucket/run``, ``fil
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pandas as pd
@@ -17,9 +19,9 @@ import xarray as xr
 from fsspec.implementations.local import LocalFileSystem
 
 from dtm.io.pyramid import open_pyramid
-from dtm.io.store import open_results, result_groups
+from dtm.io.store import open_results, result_groups, store_url
 from dtm.io.tables import read_table
-from dtm.peaks import _store_url, peaks_dataframe
+from dtm.peaks import PICKING_FILE, peaks_dataframe
 
 #: Peak tables looked for in the output directory, in this order.
 PEAK_TABLES = ("peaks.csv", "peaks.parquet")
@@ -44,7 +46,7 @@ def open_micrographs(results: str | os.PathLike[str]) -> list[MicrographResults]
     results
         Local path or fsspec URL.
     """
-    store = _store_url(results)
+    store = store_url(results)
     datasets = open_results(store)
     groups = result_groups(store)
     if groups == [None]:
@@ -59,8 +61,20 @@ def open_micrographs(results: str | os.PathLike[str]) -> list[MicrographResults]
 
 def output_directory(results: str | os.PathLike[str]) -> str:
     """The output directory of a results store or of an output directory itself."""
-    store = _store_url(results)
+    store = store_url(results)
     return store.rsplit("/", 1)[0] if "/" in store else "."
+
+
+def read_picking(results: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The settings that picked the peak tables (``peaks.json``), or None for results
+    written before the file existed."""
+    fs, root = fsspec.core.url_to_fs(output_directory(results))
+    path = f"{root.rstrip('/')}/{PICKING_FILE}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as file:
+        settings: dict[str, Any] = json.load(file)
+    return settings
 
 
 def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:

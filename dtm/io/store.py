@@ -1,4 +1,5 @@
-"""Persistence of search results: the zarr store, `.mrc` maps and checkpoints.
+"""Persistence of search results: the zarr store and the `.mrc` maps (and where everything
+lies in an output directory).
 
 Layout of an output directory::
 
@@ -7,6 +8,7 @@ Layout of an output directory::
     checkpoints/TOKEN/*.npz  merged partial statistics of finished subtrees (while running)
     job.json                 every parameter of the run, to trace and resume it
     run.json                 per-micrograph status, timings and versions
+    peaks.csv, .parquet/, .star   the peak tables, and peaks.json: how they were picked
 
 Everything is written to a temporary name and renamed into place, so a crash never leaves a
 half-written result that looks complete.
@@ -150,7 +152,14 @@ def result_groups(store: str | Path) -> list[str | None]:
     return groups
 
 
-def open_results(path: str | Path) -> dict[str, xr.Dataset]:
+def store_url(results: str | os.PathLike[str]) -> str:
+    """The ``results.zarr`` store of an output directory, or ``results`` if it is one
+    (local path or fsspec URL)."""
+    store = str(results).rstrip("/")
+    return store if store.endswith(".zarr") else f"{store}/results.zarr"
+
+
+def open_results(path: str | os.PathLike[str]) -> dict[str, xr.Dataset]:
     """Open a results store lazily: ``{micrograph_name: Dataset}``.
 
     Parameters
@@ -158,9 +167,7 @@ def open_results(path: str | Path) -> dict[str, xr.Dataset]:
     path : str or Path
         An output directory, or its ``results.zarr`` (local path or fsspec URL).
     """
-    store = str(path)
-    if not store.rstrip("/").endswith(".zarr"):
-        store = store.rstrip("/") + "/results.zarr"
+    store = store_url(path)
     try:
         groups = result_groups(store)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
