@@ -135,6 +135,7 @@ def test_full_leopard_refine_template_file_loads_unchanged(tmp_path: Path) -> No
     assert isinstance(config, RefineConfig)
     assert config.particle_stack.extracted_box_size == (528, 528)
     assert config.particle_stack.df_path == tmp_path / "results.csv"
+    assert config.output_path == tmp_path / "refined.csv"  # default: beside the file
     np.testing.assert_allclose(config.defocus_refinement_config.values(), np.arange(-100, 101, 20))
     assert config.orientation_refinement_config.psi_step_fine == 0.1
     assert sorted(line.split(":")[0] for line in config.notices) == [

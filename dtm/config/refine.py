@@ -136,7 +136,7 @@ class RefineConfig(_Model):
     """Leopard-EM movie refinement (unsupported)."""
     apply_global_filtering: bool = True
     """Filter each whole micrograph, then cut the boxes (false: filter each box)."""
-    output_path: OutputPath = Path("refined.csv")
+    output_path: OutputPath = Field(Path("refined.csv"), validate_default=True)
     """Refined results table (.csv or .parquet)."""
     cluster: ClusterConfig = ClusterConfig()
     """Dask cluster."""
