@@ -1,8 +1,8 @@
 """ParticleStack: boxes of the micrograph around each particle of a results table.
 
 A box of size ``(by, bx)`` is centred on the particle's template window: its index
-``(by // 2, bx // 2)`` is the micrograph pixel ``(pos_y_img, pos_x_img)`` (SPEC §2, the centre
-of a box of size n is ``n // 2``), so its top-left pixel is
+``(by // 2, bx // 2)`` is the micrograph pixel ``(pos_y_img, pos_x_img)`` (the centre of a
+box of size n is ``n // 2``, conventions.md#arrays-and-positions), so its top-left pixel is
 ``(pos_y_img - by // 2, pos_x_img - bx // 2)``. Where a box leaves the micrograph it is
 padded (``constant``, ``reflect`` or ``edge``, as in :func:`numpy.pad`).
 

@@ -1,4 +1,4 @@
-"""The results table of the peaks (SPEC §4).
+"""The results table of the peaks (conventions.md#threshold, #peaks).
 
 Per micrograph the peaks picked by :mod:`dtm.picking` become a pandas table with the seed
 document's columns (:data:`PEAK_COLUMNS`); across micrographs :func:`peaks_dataframe` builds
@@ -83,7 +83,7 @@ def _search_region(ds: xr.Dataset) -> xr.Dataset:
     if mode == "valid":
         return ds
     if mode == "same":
-        # The zero-padded margin (bottom and right) carries no significance (seed document).
+        # The zero-padded margin (bottom and right) carries no significance (docs/outputs.md).
         box_h, box_w = (int(n) for n in _attr(ds, "template_shape")[-2:])
         height, width = (int(n) for n in _attr(ds, "image_shape"))
         return ds.sel(y=slice(None, height - box_h), x=slice(None, width - box_w))
@@ -108,7 +108,7 @@ def _min_distance_pixels(
 def map_threshold(
     ds: xr.Dataset, *, false_positives: float = 1.0, z_score_cutoff: float | None = None
 ) -> float:
-    """The z-score cut-off ``z*`` of one micrograph's results (SPEC §4).
+    """The z-score cut-off ``z*`` of one micrograph's results (conventions.md#threshold).
 
     ``z_score_cutoff`` when given, else :func:`threshold` for ``false_positives`` over the
     positions of the search region and the dataset's ``total_correlations``. Reads only
@@ -164,7 +164,7 @@ def peaks_table(
         Results dataset of one micrograph (docs/architecture.md, "Results dataset"); its
         maps may be lazy, only the scaled MIP is loaded whole.
     false_positives
-        Expected false positives per micrograph, sets the cut-off (SPEC §4).
+        Expected false positives per micrograph, sets the cut-off (conventions.md#threshold).
     z_score_cutoff
         Fixed cut-off; overrides ``false_positives``.
     min_distance, min_distance_angstrom

@@ -1,4 +1,4 @@
-"""Threshold and peak picking on a scaled MIP (SPEC §4).
+"""Threshold and peak picking on a scaled MIP (conventions.md#threshold, #peaks).
 
 A peak is a position of the scaled MIP above the cut-off ``z*``. Peaks are taken strongest
 first (ties: lower y, then lower x) and each accepted peak suppresses every weaker position

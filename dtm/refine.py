@@ -1,8 +1,8 @@
 """The refine-template program: local refinement of particles, one dask partition per micrograph.
 
 ``refine_template`` reads a results table of ``dtm match``/``dtm peaks`` and re-searches every
-particle locally (SPEC §4 "Refinement"): rotation offsets covering every rotation within the
-coarse steps at the fine steps (``R_new = R_start @ R_offset``, SPEC §3), relative defocus
+particle locally (conventions.md#refinement): rotation offsets covering every rotation within the
+coarse steps at the fine steps (``R_new = R_start @ R_offset``), relative defocus
 offsets around the particle's value, and a few pixels of position. The micrograph is filtered
 and normalised as the match search does it, so ``refined_mip`` is on the scale of ``mip`` and
 ``refined_scaled_mip`` uses the search's per-pixel mean and variance at the refined position.

@@ -118,7 +118,8 @@ def search_particle(
         relative defocus searched, zero at the origin.
     norm_shape : tuple of int
         ``(H, W)`` of the image the box was normalised with: projections get unit variance
-        when zero-padded to it (SPEC §2), so correlations share the match search's scale.
+        when zero-padded to it (conventions.md#normalisation), so correlations share the
+        match search's scale.
     mean, variance : array
         The match search's correlation mean and variance at the searched positions,
         ``(len(window[0]), len(window[1]))``; NaN where the search has no statistics.

@@ -30,7 +30,7 @@ from dtm.search.orientations import local_grid
 from dtm.search.prepare import FilterSettings, Optics, prepare_image
 from dtm.search.prepare import _filter as whitening_bandpass  # the match's projection filter
 
-#: Columns appended by refine-template → dtype (seed document order, then the box flag).
+#: Columns appended by refine-template → dtype (the order of docs/outputs.md, then the box flag).
 REFINED_DTYPES: dict[str, str] = {
     "refined_mip": "float64",
     "refined_scaled_mip": "float64",

@@ -142,7 +142,8 @@ def test_full_leopard_refine_template_file_loads_unchanged(tmp_path: Path) -> No
         "computational_config.backend",
         "particle_stack.original_template_size",
     ]
-    # The azimuth steps of the local grid follow theta (SPEC §3): a φ step is only noted.
+    # The azimuth steps of the local grid follow theta (conventions.md#refinement): a φ step
+    # is only noted.
     path.write_text(path.read_text().replace("phi_step_fine: 0.25", "phi_step_fine: 1.0"))
     assert (
         "orientation_refinement_config.phi_step_fine: Leopard-EM setting not used by dtm, "

@@ -1,4 +1,4 @@
-"""CTF and electron wavelength against independent references (SPEC §2)."""
+"""CTF and electron wavelength against independent references (conventions.md#ctf)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def test_false_positive_rate_on_noise_micrographs():
     print(f"false positives per noise micrograph: mean {mean_count:.2f}, counts {counts}")
     assert mean_count <= 2.0
     assert max(counts) <= 6  # never a flood
-    # Correlations of a noise micrograph are ~N(0, 1) by the normalisation of SPEC §2.
+    # Correlations of a noise micrograph are ~N(0, 1) (conventions.md#normalisation).
     mean, mean_sq = np.mean(pooled, axis=0)
     assert abs(mean) < 0.02
     assert abs(np.sqrt(mean_sq - mean**2) - 1.0) < 0.02

@@ -1,4 +1,4 @@
-"""Tests of the orientation grids (SPEC §3)."""
+"""Tests of the orientation grids (conventions.md#search-grids)."""
 
 from __future__ import annotations
 

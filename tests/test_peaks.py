@@ -25,7 +25,7 @@ from dtm.peaks import (
 )
 from dtm.picking import default_min_distance, pick_peaks, threshold
 
-# Typed from the seed document (seed-data-formats.md), in its order, with its types.
+# The columns the users asked for (docs/outputs.md), in their order, with their types.
 SEED_COLUMNS = [
     ("mip", "float"),
     ("scaled_mip", "float"),

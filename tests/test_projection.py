@@ -1,4 +1,5 @@
-"""Projection convention (SPEC §2) and the Fourier-slice projector's accuracy."""
+"""Projection convention (conventions.md#projection-and-contrast) and the Fourier-slice
+projector's accuracy."""
 
 from __future__ import annotations
 

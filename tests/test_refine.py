@@ -58,7 +58,7 @@ THETA_FINE, PSI_FINE, DEFOCUS_STEP = 2.5, 2.5, 100.0
 
 
 def _rotation(phi: float, theta: float, psi: float) -> Rotation:
-    """ZYZ intrinsic (SPEC §2), from scipy: independent of dtm's rotation code."""
+    """ZYZ intrinsic (conventions.md#orientations), from scipy: independent of dtm's code."""
     return Rotation.from_euler("ZYZ", [phi, theta, psi], degrees=True)
 
 

@@ -1,4 +1,4 @@
-"""ZYZ Euler angles, composition and geodesic distance (SPEC §2)."""
+"""ZYZ Euler angles, composition and geodesic distance (conventions.md#orientations)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class WhiteningFilterConfig(_Model):
     """Highest frequency whitened, cycles/pixel; above it the filter keeps its value there."""
     do_power_spectrum: bool = True
     """Leopard-EM: average the power (true) or amplitude (false) spectrum; dtm always
-    averages the power spectrum (SPEC §2)."""
+    averages the power spectrum (conventions.md#filters)."""
 
 
 class BandpassFilterConfig(_Model):

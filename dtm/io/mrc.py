@@ -24,7 +24,7 @@ from dtm.errors import InputError, OutputError
 from dtm.io.atomic import write_atomic
 
 # Two pixel sizes are "the same" when they differ by at most this fraction (0.1 %): a 0.1 %
-# magnification error costs little SNR (SPEC §5: 20 % loss at 1.9 %).
+# magnification error costs little SNR (about 20 % at 1.9 %, as measured for 2DTM).
 PIXEL_SIZE_TOLERANCE = 1e-3
 
 

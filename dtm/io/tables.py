@@ -1,6 +1,6 @@
 """Particle tables on disk: CSV, parquet (partitioned by micrograph) and RELION STAR.
 
-The columns are those of the user's seed document (``seed-data-formats.md``), in its order,
+The columns are those the users asked for (``docs/outputs.md``, "The peak table"), in their order,
 followed by ``micrograph_name``, ``particle_index`` and ``micrograph_pixel_size`` (the
 micrograph file's pixel size: ``pixel_size`` and the positions are at the cropped sampling
 of a search with ``high_resolution_limit``); :data:`PEAK_DTYPES` gives their types
@@ -18,7 +18,8 @@ STAR export (:func:`to_star`) follows RELION's conventions:
   RELION's ``Euler_angles2matrix(rot, tilt, psi)`` is ``A = Rz(-psi) Ry(-tilt) Rz(-rot)``,
   i.e. the transpose of dtm's ``R = Rz(phi) Ry(theta) Rz(psi)``, and its projector samples
   the 3-D transform at ``A^T (kx, ky, 0) = R (kx, ky, 0)``: exactly dtm's central slice
-  (SPEC §2). No sign change or inversion is needed (the same holds for cisTEM/Leopard-EM).
+  (conventions.md#orientations). No sign change or inversion is needed (the same holds
+  for cisTEM/Leopard-EM).
 - ``rlnDefocusU/V`` = ``defocus_u/v + relative_defocus`` (the particle's absolute defocus,
   Å), ``rlnDefocusAngle`` = ``astigmatism_angle``; optics per particle in the RELION 3.0
   style (``rlnVoltage`` kV, ``rlnSphericalAberration`` mm, ``rlnAmplitudeContrast``;
@@ -51,7 +52,7 @@ _FLOAT = "float64"
 _INT = "int64"
 _STR = "str"
 
-#: Column → dtype of the match-template table, in the seed document's order.
+#: Column → dtype of the match-template table, in the user's order (docs/outputs.md).
 SEED_DTYPES: dict[str, str] = {
     "mip": _FLOAT,
     "scaled_mip": _FLOAT,

@@ -1,4 +1,4 @@
-"""Physics of 2DTM: rotations, CTF, filters and projections (conventions: ``SPEC.md`` §2)."""
+"""Physics of 2DTM: rotations, CTF, filters and projections (``docs/conventions.md``)."""
 
 from dtm.physics.ctf import ctf_2d, electron_wavelength
 from dtm.physics.filters import (

@@ -1,6 +1,6 @@
 """Contrast transfer function on the rfft grid, for many defocus values at once.
 
-Formulae and conventions: ``SPEC.md`` §2 (CTFFIND convention, defocus positive =
+Formulae and conventions: ``conventions.md#ctf`` (CTFFIND convention, defocus positive =
 underfocus, astigmatism angle from the x axis, counter-clockwise).
 """
 
@@ -77,7 +77,7 @@ def ctf_2d(
     ``CTF(k) = -sin(chi(k)) * exp(-b_factor * k² / 4)`` with
     ``chi = -pi λ Δf(α) k² + (pi/2) Cs λ³ k⁴ - phase_shift - arcsin(A)`` and
     ``Δf(α) = ½ [du + dv + (du - dv) cos 2(α - astigmatism_angle)]``,
-    ``du = defocus_u + δ``, ``dv = defocus_v + δ`` (``SPEC.md`` §2). ``CTF(0) = A``.
+    ``du = defocus_u + δ``, ``dv = defocus_v + δ`` (``conventions.md#ctf``). ``CTF(0) = A``.
 
     Parameters
     ----------

@@ -129,7 +129,7 @@ def whitening_filter(
         and scaled so that its maximum over ``|k| <= max_freq`` is 1; above ``max_freq`` it
         keeps its value at ``max_freq``. (Leopard-EM sets it to 1 there; a jump to 1 makes
         the corners of the spectrum louder than the whitened band, which biases the
-        normalisation of SPEC §2, so dtm continues the filter instead.)
+        normalisation (conventions.md#normalisation), so dtm continues the filter instead.)
     xp : module
         Array module of the result.
 

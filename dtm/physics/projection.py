@@ -1,8 +1,8 @@
 """Projections of a 3-D template: the Fourier-slice projector and a real-space reference.
 
-Convention (``SPEC.md`` §2): ``P(x, y) = ∫ V(R · (x, y, z)ᵀ) dz`` with coordinates relative
-to the box centre ``d // 2``; volumes are indexed ``[z, y, x]``. By the Fourier slice
-theorem the 2-D spectrum of ``P`` is ``F_V(R · (kx, ky, 0)ᵀ)``.
+Convention (``conventions.md#projection-and-contrast``): ``P(x, y) = ∫ V(R · (x, y, z)ᵀ) dz``
+with coordinates relative to the box centre ``d // 2``; volumes are indexed ``[z, y, x]``.
+By the Fourier slice theorem the 2-D spectrum of ``P`` is ``F_V(R · (kx, ky, 0)ᵀ)``.
 """
 
 from __future__ import annotations

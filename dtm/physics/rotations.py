@@ -1,9 +1,10 @@
 """Rotations: ZYZ Euler angles and rotation matrices.
 
-Convention (``SPEC.md`` §2): angles in degrees, ``(phi, theta, psi)``, intrinsic ZYZ,
-``R = Rz(phi) @ Ry(theta) @ Rz(psi)``, right-handed and active, acting on column vectors
-``(x, y, z)``. ``psi`` is the in-plane angle. All functions broadcast over leading axes and
-work in float64 on NumPy arrays (orientation grids are small next to the images).
+Convention (``conventions.md#orientations``): angles in degrees, ``(phi, theta, psi)``,
+intrinsic ZYZ, ``R = Rz(phi) @ Ry(theta) @ Rz(psi)``, right-handed and active, acting on
+column vectors ``(x, y, z)``. ``psi`` is the in-plane angle. All functions broadcast over
+leading axes and work in float64 on NumPy arrays (orientation grids are small next to the
+images).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 For a batch of orientations the kernel extracts central slices of the template spectrum,
 applies every defocus plane's filter, returns to real space to subtract the box's edge mean
-and normalise (SPEC §2), then correlates the maps with the micrograph a few at a time:
+and normalise (conventions.md#normalisation), then correlates the maps with the micrograph
+a few at a time:
 forward transform of the zero-padded projection (only its ``h`` non-zero rows along x),
 transforms along y in reused buffers (on the CPU in whichever of two layouts is faster on
 this machine), product with the micrograph spectrum, inverse transform (only the map's rows
@@ -122,7 +123,8 @@ def filtered_projections(
     fft = get_fft(get_xp(filters))
     box = template.box_size
     slices = central_slices(template, rotations)
-    # Negated: density is positive, particles are dark in the micrograph (SPEC §2).
+    # Negated: density is positive, particles are dark in the micrograph
+    # (conventions.md#projection-and-contrast).
     spectra = slices[:, None] * (-filters[None])
     projections = fft.irfft2(spectra, s=(box, box)).astype(np.float32, copy=False)
     return normalise_projections(projections, image_shape)

@@ -3,7 +3,8 @@
 All angles are in degrees. An Euler array has shape ``(n, 3)`` with columns
 ``(phi, theta, psi)`` (ZYZ, intrinsic, ``R = Rz(phi) @ Ry(theta) @ Rz(psi)``), ``float64``.
 Grids are ordered by viewing direction (theta, then phi) with psi fastest, so that the
-orientation index is ``direction_index * n_psi + psi_index`` (SPEC §3, architecture.md).
+orientation index is ``direction_index * n_psi + psi_index`` (conventions.md#search-grids,
+docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from dtm.physics.rotations import euler_to_matrix
 # must count 73 theta values even when the division lands a hair below an integer.
 _RANGE_TOLERANCE = 1e-9
 
-#: (phi_max, theta_max) in degrees per symmetry group family (SPEC §3); ``n`` is the order
-#: for the cyclic and dihedral families. psi always spans [0, 360).
+#: (phi_max, theta_max) in degrees per symmetry group family (conventions.md#search-grids);
+#: ``n`` is the order for the cyclic and dihedral families. psi always spans [0, 360).
 SYMMETRY_RANGES: dict[str, tuple[float, float]] = {
     "C": (360.0, 180.0),  # phi_max divided by n
     "D": (360.0, 90.0),  # phi_max divided by n
@@ -106,7 +107,7 @@ def uniform_grid(
     psi_min: float = 0.0,
     psi_max: float = 360.0,
 ) -> np.ndarray:
-    """The "uniform" orientation grid of cisTEM and Leopard-EM (SPEC §3).
+    """The "uniform" orientation grid of cisTEM and Leopard-EM (conventions.md#search-grids).
 
     theta runs from ``theta_min`` to ``theta_max`` inclusive in ``theta_step``; at each theta,
     ``n_phi = max(1, round(phi_range / (theta_step / sin theta)))`` values
@@ -318,7 +319,7 @@ def local_grid(
     psi_step_coarse: float,
     psi_step_fine: float,
 ) -> np.ndarray:
-    """Rotation offsets covering every rotation within the coarse steps (SPEC §3).
+    """Rotation offsets covering every rotation within the coarse steps (conventions.md#refinement).
 
     The viewing direction is tilted by ``theta = 0, tf, 2 tf, ... <= tc`` towards every
     azimuth phi (steps of ``tf / sin theta`` around the full circle, one phi at theta 0),

@@ -1,9 +1,10 @@
 """Per-micrograph inputs shared by every task of a search.
 
-``prepare_image`` whitens, band-passes and normalises a micrograph (SPEC §2), takes its
-spectrum at the FFT size of the correlation, and builds the filter stack (CTF × whitening ×
-band-pass) that every projection is multiplied by, one plane per relative defocus. The
-result is computed once per micrograph and shared by all of its tasks.
+``prepare_image`` whitens, band-passes and normalises a micrograph
+(conventions.md#normalisation), takes its spectrum at the FFT size of the correlation, and
+builds the filter stack (CTF × whitening × band-pass) that every projection is multiplied
+by, one plane per relative defocus. The result is computed once per micrograph and shared
+by all of its tasks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ CorrelationMode = Literal["valid", "same"]
 
 @dataclass(frozen=True)
 class Optics:
-    """Microscope and CTF parameters of one micrograph (units as in SPEC §2)."""
+    """Microscope and CTF parameters of one micrograph (units as in conventions.md#ctf)."""
 
     pixel_size: float  # Å
     voltage: float  # kV
@@ -109,7 +110,7 @@ def fft_shape_for(
     """Smallest fast FFT size without wrap-around into the positions of the map.
 
     ``valid`` positions never reach past the image, so the image size suffices; ``same``
-    positions need ``H + h - 1`` rows (SPEC §2).
+    positions need ``H + h - 1`` rows (conventions.md#cross-correlation).
     """
     (H, W), (h, w) = image_shape, box_shape
     if mode == "same":
@@ -152,7 +153,8 @@ def prepare_image(
     filters: FilterSettings = FilterSettings(),  # noqa: B008 (frozen, immutable default)
     mode: CorrelationMode = "valid",
 ) -> ImageInputs:
-    """Filter and normalise a micrograph and build its projection filters (SPEC §2).
+    """Filter and normalise a micrograph and build its projection filters
+    (conventions.md#normalisation).
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Partial statistics of a search, their merge and their final maps (SPEC §4).
+"""Partial statistics of a search, their merge and their final maps (conventions.md#statistics).
 
 A :class:`PartialStats` covers a set of correlations (a chunk, or a merged subtree of
 chunks): the per-position maximum with the global search index that produced it, and the
@@ -185,7 +185,7 @@ def merge_all(parts: list[PartialStats]) -> PartialStats:
 
 
 def finalise(stats: PartialStats, space: SearchSpace) -> dict[str, np.ndarray]:
-    """The eight statistics maps of SPEC §4 from complete partial statistics.
+    """The eight statistics maps of conventions.md#statistics from complete partial statistics.
 
     Returns
     -------
