@@ -138,7 +138,6 @@ def _gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> 
         n_workers=n_workers or setting(cluster, "n_workers"),
         threads_per_worker=setting(cluster, "threads_per_worker", 1),
         memory_limit=setting(cluster, "memory_limit", "auto"),
-        CUDA_VISIBLE_DEVICES=setting(cluster, "cuda_visible_devices"),
         dashboard_address=_free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
         silence_logs=logging.ERROR,
     )

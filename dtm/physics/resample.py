@@ -23,13 +23,7 @@ def cropped_size(size: int, pixel_size: float, new_pixel_size: float) -> int:
     return min(size, even)
 
 
-def fourier_crop(
-    image: Any,
-    pixel_size: float,
-    resolution: float | None = None,
-    *,
-    new_pixel_size: float | None = None,
-) -> tuple[Any, float]:
+def fourier_crop(image: Any, pixel_size: float, new_pixel_size: float) -> tuple[Any, float]:
     """Crop the spectrum of a 2-D image or 3-D volume to a band, keeping real-space values.
 
     Parameters
@@ -38,12 +32,9 @@ def fourier_crop(
         ``(H, W)`` or ``(d, d, d)`` real array (numpy or cupy), pixel size ``pixel_size``.
     pixel_size : float
         Å per pixel of ``image``.
-    resolution : float, optional
-        Highest resolution kept, Å (``>= 2 * pixel_size``): the new pixel size is
-        ``resolution / 2``, rounded so that each new edge is an even number of pixels.
-    new_pixel_size : float, optional
-        Ask for this pixel size instead (e.g. the one a template was cropped to, so that
-        micrograph and template share it). Exactly one of the two must be given.
+    new_pixel_size : float
+        Å per pixel wanted, ``>= pixel_size``: keeps resolutions down to
+        ``2 * new_pixel_size``. Rounded so that each new edge is an even number of pixels.
 
     Returns
     -------
@@ -58,19 +49,8 @@ def fourier_crop(
     Raises
     ------
     ConfigError
-        If the resolution is finer than Nyquist (``< 2 * pixel_size``) or not positive, or
-        the array is not 2-D or 3-D.
+        If ``new_pixel_size`` is finer than ``pixel_size``, or the array is not 2-D or 3-D.
     """
-    if (resolution is None) == (new_pixel_size is None):
-        raise ConfigError("fourier_crop: give exactly one of resolution and new_pixel_size")
-    if resolution is not None:
-        if not resolution >= 2 * pixel_size:
-            raise ConfigError(
-                f"high_resolution_limit: must be >= 2 × pixel_size ({2 * pixel_size:g} Å), "
-                f"got {resolution}"
-            )
-        new_pixel_size = resolution / 2
-    assert new_pixel_size is not None
     if not new_pixel_size >= pixel_size:
         raise ConfigError(
             f"fourier_crop: new pixel size {new_pixel_size:g} Å is finer than {pixel_size:g} Å"

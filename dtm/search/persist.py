@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from dtm.io.store import build_dataset, export_maps, write_dataset
 from dtm.search.space import SearchSpace
@@ -24,8 +21,8 @@ def persist(
     pixel_size: float,
     attrs: dict[str, Any],
     extra_paths: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Finalise the maps, write the `.mrc` files and the zarr dataset; a small summary."""
+) -> None:
+    """Finalise the maps, write the `.mrc` files and the zarr dataset."""
     maps = finalise(stats, space)
     out = Path(output_dir)
     map_paths = export_maps(
@@ -34,8 +31,3 @@ def persist(
     attrs = {**attrs, "map_paths": map_paths, "end_time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     dataset = build_dataset(maps, pixel_size=pixel_size, attrs=attrs)
     write_dataset(dataset, out / "results.zarr", group)
-    return {
-        "name": attrs["micrograph_name"],
-        "max_scaled_mip": float(np.max(maps["scaled_mip"])),
-        "pid": os.getpid(),
-    }

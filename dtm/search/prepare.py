@@ -9,7 +9,7 @@ by all of its tasks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -89,7 +89,6 @@ class ImageInputs:
     fft_shape: tuple[int, int]
     out_shape: tuple[int, int]
     mode: CorrelationMode = "valid"
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def output_shape(
