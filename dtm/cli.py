@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dtm.errors import DtmError
 
+#: The values of ``cluster.kind`` (kept here so that ``dtm --help`` imports no configuration
+#: code; a test checks them against :class:`dtm.config.ClusterConfig`).
 CLUSTER_KINDS = ["local", "address", "slurm", "pbs", "kubernetes", "gpu-local"]
 
 

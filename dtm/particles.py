@@ -23,7 +23,7 @@ import pandas as pd
 import xarray as xr
 
 from dtm.errors import ConfigError, InputError
-from dtm.io.mrc import PIXEL_SIZE_TOLERANCE, read_micrograph
+from dtm.io.mrc import pixel_sizes_differ, read_micrograph
 
 PadMode = Literal["constant", "reflect", "edge"]
 _PAD_MODES = ("constant", "reflect", "edge")
@@ -85,7 +85,7 @@ class ParticleStack:
         return xr.Dataset(data, coords=coords, attrs={"box_size": list(self.box_size)})
 
 
-def _boxes(
+def extract_boxes(
     image: np.ndarray,
     top: np.ndarray,
     left: np.ndarray,
@@ -203,13 +203,13 @@ def extract_particles(
         # Only the pixels matter here; the table's pixel size stands in for a header without.
         pixel_size = float(table["pixel_size"].iloc[rows[0]]) if "pixel_size" in table else 1.0
         micrograph = read_micrograph(path, pixel_size=pixel_size)
-        if abs(micrograph.pixel_size - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
+        if pixel_sizes_differ(micrograph.pixel_size, pixel_size):
             raise InputError(
                 f"{path}: pixel size {micrograph.pixel_size:g} Å, but the particle table's "
                 f"positions are at {pixel_size:g} Å (a search with high_resolution_limit?)"
             )
         image = micrograph.data
-        images[rows] = _boxes(image, top[rows], left[rows], box, pad_mode, pad_value)
+        images[rows] = extract_boxes(image, top[rows], left[rows], box, pad_mode, pad_value)
         inside[rows] = (
             (top[rows] >= 0)
             & (left[rows] >= 0)
@@ -223,7 +223,7 @@ def extract_particles(
                     raise InputError(f"particle table: no {column} for micrograph {path}")
                 stat_map = read_micrograph(map_path, pixel_size=pixel_size).data
                 shape = windows[name].shape[1:]
-                cut = _boxes(stat_map, top[rows], left[rows], shape, pad_mode, stat_pad)
+                cut = extract_boxes(stat_map, top[rows], left[rows], shape, pad_mode, stat_pad)
                 windows[name][rows] = cut
     out_table = table.assign(box_inside=inside)
     return ParticleStack(

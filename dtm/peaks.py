@@ -27,12 +27,14 @@ from dtm.picking import default_min_distance, pick_peaks, threshold
 #: Re-exported: ``PEAK_COLUMNS`` (the columns of a peak table) and the picking functions.
 __all__ = [
     "PEAK_COLUMNS",
+    "PICKING_FILE",
     "default_min_distance",
     "map_threshold",
     "peaks_dataframe",
     "peaks_table",
     "pick_peaks",
     "repick",
+    "search_region",
     "threshold",
     "threshold_label",
     "threshold_summary",
@@ -77,7 +79,7 @@ def _attr(ds: xr.Dataset, name: str) -> Any:
         raise InputError(f"{label}: attribute {name!r} missing from the results") from None
 
 
-def _search_region(ds: xr.Dataset) -> xr.Dataset:
+def search_region(ds: xr.Dataset) -> xr.Dataset:
     """The part of the maps where the template box lies inside the micrograph."""
     mode = _attr(ds, "correlation_mode")
     if mode == "valid":
@@ -116,7 +118,7 @@ def map_threshold(
     """
     if z_score_cutoff is not None:
         return float(z_score_cutoff)
-    region = _search_region(ds)
+    region = search_region(ds)
     n_positions = region.sizes["y"] * region.sizes["x"]
     return threshold(n_positions, int(_attr(ds, "total_correlations")), false_positives)
 
@@ -186,7 +188,7 @@ def peaks_table(
     if missing:
         label = ds.attrs.get("micrograph_name", "results dataset")
         raise InputError(f"{label}: results lack {', '.join(missing)}")
-    region = _search_region(ds)
+    region = search_region(ds)
     cutoff = map_threshold(ds, false_positives=false_positives, z_score_cutoff=z_score_cutoff)
     distance = _min_distance_pixels(ds, min_distance, min_distance_angstrom)
     peaks = pick_peaks(region["scaled_mip"].values, cutoff, min_distance=distance, border=border)

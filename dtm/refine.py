@@ -29,7 +29,7 @@ import pandas as pd
 from dtm.cluster import session
 from dtm.config import RefineConfig, load_refine_config
 from dtm.errors import ConfigError, InputError, OutputError
-from dtm.io.mrc import PIXEL_SIZE_TOLERANCE, read_template
+from dtm.io.mrc import pixel_sizes_differ, read_template
 from dtm.io.tables import read_table, write_table
 from dtm.jobfile import check_writable
 from dtm.progress import format_duration
@@ -108,7 +108,7 @@ def _check_table(table: pd.DataFrame, path: Path, template_pixel_size: float) ->
         if table[name].isna().any():
             raise InputError(f"{path}: column {name} has missing values")
     pixel_size = table["pixel_size"].to_numpy(dtype=np.float64)
-    off = np.abs(pixel_size - template_pixel_size) > PIXEL_SIZE_TOLERANCE * template_pixel_size
+    off = pixel_sizes_differ(pixel_size, template_pixel_size)
     if off.any():
         raise InputError(
             f"{path}: pixel size {pixel_size[off][0]} Å of the particles differs from the "

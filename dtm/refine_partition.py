@@ -19,16 +19,15 @@ import scipy.fft
 
 from dtm.config import PreprocessingFilters
 from dtm.errors import InputError
-from dtm.io.mrc import PIXEL_SIZE_TOLERANCE, read_micrograph
+from dtm.io.mrc import pixel_sizes_differ, read_micrograph
 from dtm.io.store import open_results
-from dtm.particles import _boxes  # the box geometry of ParticleStack, shared
+from dtm.particles import extract_boxes
 from dtm.physics.filters import radial_power_spectrum
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import compose, euler_to_matrix, matrix_to_euler
 from dtm.refine_kernel import BATCH_BYTES, search_particle, search_window
 from dtm.search.orientations import local_grid
-from dtm.search.prepare import FilterSettings, Optics, prepare_image
-from dtm.search.prepare import _filter as whitening_bandpass  # the match's projection filter
+from dtm.search.prepare import FilterSettings, Optics, image_filter, prepare_image
 
 #: Columns appended by refine-template → dtype (the order of docs/outputs.md, then the box flag).
 REFINED_DTYPES: dict[str, str] = {
@@ -141,7 +140,7 @@ def _filtered_micrograph(
     profile = None
     if filters.whitening:
         profile = radial_power_spectrum(image, n_bins=filters.whitening_bins)
-    box_filter = whitening_bandpass(box, filters, optics.pixel_size, profile, np)
+    box_filter = image_filter(box, filters, optics.pixel_size, profile, np)
     return np.ascontiguousarray(filtered, dtype=np.float32), box_filter
 
 
@@ -241,7 +240,7 @@ def refine_partition(
     image = micrograph.data
     height, width = (int(s) for s in image.shape)
     h = w = template.box_size
-    if abs(micrograph.pixel_size - pixel_size) > PIXEL_SIZE_TOLERANCE * pixel_size:
+    if pixel_sizes_differ(micrograph.pixel_size, pixel_size):
         raise InputError(
             f"micrograph {micrograph.path}: pixel size {micrograph.pixel_size} Å differs from "
             f"the table's {pixel_size} Å"
@@ -262,15 +261,18 @@ def refine_partition(
     window = search_window((by, bx), (h, w), settings.radius)
     window_shape = (window[0].stop - window[0].start, window[1].stop - window[1].start)
     stats = [
-        _boxes(m, top + window[0].start, left + window[1].start, window_shape, "constant", np.nan)
+        extract_boxes(
+            m, top + window[0].start, left + window[1].start, window_shape, "constant", np.nan
+        )
         for m in (mean_map, variance_map)
     ]
     filters = settings.filters.settings(pixel_size)
     if settings.global_filtering:
         filtered, box_filter = _filtered_micrograph(image, (h, w), optics, filters)
-        boxes = _boxes(filtered, top, left, (by, bx), "constant", 0.0)  # 0: the filtered mean
+        # Padded with 0, the filtered micrograph's mean.
+        boxes = extract_boxes(filtered, top, left, (by, bx), "constant", 0.0)
     else:
-        boxes = _boxes(image, top, left, (by, bx), "reflect", 0.0)
+        boxes = extract_boxes(image, top, left, (by, bx), "reflect", 0.0)
     offsets = settings.offsets()
     starts = euler_to_matrix(euler).reshape(n, 3, 3)
     for k in range(n):

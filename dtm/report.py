@@ -41,7 +41,7 @@ from dtm.io.results import (  # noqa: E402
     read_peaks,
     read_picking,
 )
-from dtm.peaks import _search_region, map_threshold, threshold_label  # noqa: E402
+from dtm.peaks import map_threshold, search_region, threshold_label  # noqa: E402
 
 #: Columns of the peak table shown in the report.
 TABLE_COLUMNS = [
@@ -176,7 +176,7 @@ def mip_figure(micrograph: MicrographResults, peaks: pd.DataFrame, cutoff: float
 
 def survival_figure(micrograph: MicrographResults, cutoff: float, label: str) -> str:
     """PNG (base64) of observed vs noise-expected survival of the scaled MIP, log axis."""
-    region = _search_region(micrograph.dataset)["scaled_mip"].values
+    region = search_region(micrograph.dataset)["scaled_mip"].values
     n_correlations = int(micrograph.dataset.attrs["total_correlations"])
     n_positions = int(np.isfinite(region).sum())
     z, observed, expected = survival_curves(region, n_correlations)

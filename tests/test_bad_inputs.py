@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import mrcfile
 import numpy as np
@@ -16,7 +17,8 @@ import pandas as pd
 import pytest
 from datasets import PIXEL_SIZE, match_config, write_config, write_dataset
 
-from dtm.cli import main
+from dtm.cli import CLUSTER_KINDS, main
+from dtm.config import ClusterConfig
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +241,8 @@ def test_cluster_kind_from_the_command_line(good, tmp_path, capsys):
     # kind address without an address is a configuration error naming the field.
     assert main(["match", str(config), "--cluster", "address"]) == 2
     assert "scheduler_address" in capsys.readouterr().err
+    # --cluster offers exactly the kinds the configuration accepts.
+    assert CLUSTER_KINDS == list(get_args(ClusterConfig.model_fields["kind"].annotation))
 
 
 @pytest.mark.parametrize(

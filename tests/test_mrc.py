@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from dtm.errors import InputError, OutputError
-from dtm.io.mrc import MrcData, check_compatible, read_micrograph, read_template, write_map
+from dtm.io.mrc import (
+    MrcData,
+    check_compatible,
+    pixel_sizes_differ,
+    read_micrograph,
+    read_template,
+    write_map,
+)
 
 
 def _write(path: Path, data: np.ndarray, voxel_size: float = 1.5) -> Path:
@@ -199,3 +206,10 @@ def test_pixel_size_mismatch_with_configuration(tmp_path):
     micrograph, template = _pair(tmp_path, 1.5, 1.5)
     with pytest.raises(InputError, match=r"pixel_size.*1.06 Å.*mic.mrc.*1.5 Å"):
         check_compatible(micrograph, template, pixel_size=1.06)
+
+
+def test_pixel_sizes_differ_beyond_a_tenth_of_a_percent_of_the_larger():
+    assert not pixel_sizes_differ(1.000, 1.0009) and pixel_sizes_differ(1.000, 1.0011)
+    assert pixel_sizes_differ(2.0, 1.0)  # either order
+    differ = pixel_sizes_differ(np.array([1.0, 1.0005, 1.5]), 1.0)
+    np.testing.assert_array_equal(differ, [False, False, True])

@@ -16,6 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
@@ -89,7 +90,7 @@ def _header_pixel_size(
         raise InputError(f"{kind} {path}: invalid voxel size {sizes} Å in the header")
     known = [size for size in sizes if size > 0]
     if known:
-        if max(known) - min(known) > PIXEL_SIZE_TOLERANCE * max(known):
+        if pixel_sizes_differ(max(known), min(known)):
             raise InputError(
                 f"{kind} {path}: voxel sizes differ between axes {tuple(sizes)} Å "
                 "(anisotropic pixels are not supported)"
@@ -167,9 +168,10 @@ def read_template(path: str | os.PathLike[str], *, pixel_size: float | None = No
     return MrcData(values, _header_pixel_size(sizes, pixel_size, "template", path), path)
 
 
-def _differ(a: float, b: float) -> bool:
-    """Whether two pixel sizes differ by more than the tolerance (relative)."""
-    return abs(a - b) > PIXEL_SIZE_TOLERANCE * max(abs(a), abs(b))
+def pixel_sizes_differ(a: Any, b: Any) -> Any:
+    """Whether two pixel sizes (floats or arrays, Å) differ by more than
+    :data:`PIXEL_SIZE_TOLERANCE` of the larger."""
+    return np.abs(a - b) > PIXEL_SIZE_TOLERANCE * np.maximum(np.abs(a), np.abs(b))
 
 
 def check_compatible(
@@ -197,7 +199,7 @@ def check_compatible(
             f"template {template.path}: box {box} px is larger than micrograph "
             f"{micrograph.path} ({height} x {width} px)"
         )
-    if _differ(micrograph.pixel_size, template.pixel_size):
+    if pixel_sizes_differ(micrograph.pixel_size, template.pixel_size):
         raise InputError(
             f"pixel sizes differ: micrograph {micrograph.path} has {micrograph.pixel_size:g} Å, "
             f"template {template.path} has {template.pixel_size:g} Å (tolerance 0.1 %)"
@@ -205,7 +207,7 @@ def check_compatible(
     if pixel_size is None:
         return
     for kind, item in (("micrograph", micrograph), ("template", template)):
-        if _differ(item.pixel_size, pixel_size):
+        if pixel_sizes_differ(item.pixel_size, pixel_size):
             raise InputError(
                 f"pixel_size: configuration says {pixel_size:g} Å but {kind} {item.path} "
                 f"has {item.pixel_size:g} Å in its header (tolerance 0.1 %); fix one of them"

@@ -117,7 +117,7 @@ def fft_shape_for(
     return (scipy.fft.next_fast_len(H, real=True), scipy.fft.next_fast_len(W, real=True))
 
 
-def _filter(
+def image_filter(
     shape: tuple[int, int],
     settings: FilterSettings,
     pixel_size: float,
@@ -179,7 +179,7 @@ def prepare_image(
         k, power = radial_power_spectrum(image, n_bins=filters.whitening_bins)
         profile = (np.asarray(k), np.asarray(power))
     spectrum = fft.rfft2(image)
-    spectrum *= _filter(shape, filters, optics.pixel_size, profile, xp)
+    spectrum *= image_filter(shape, filters, optics.pixel_size, profile, xp)
     spectrum[0, 0] = 0
     filtered = fft.irfft2(spectrum, s=shape)
     # Pixel variance 1/(H*W) makes each correlation with a unit-variance projection ~N(0, 1).
@@ -188,7 +188,7 @@ def prepare_image(
     padded_spectrum = fft.rfft2(filtered, s=fft_shape).astype(np.complex64)
 
     ctf = optics.ctf(box_shape, relative_defocus, xp=xp)
-    stack = (ctf * _filter(box_shape, filters, optics.pixel_size, profile, xp)[None]).astype(
+    stack = (ctf * image_filter(box_shape, filters, optics.pixel_size, profile, xp)[None]).astype(
         np.float32
     )
     stack[:, 0, 0] = 0
