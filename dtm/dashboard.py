@@ -122,6 +122,7 @@ class _RatesJSON(RequestHandler):
 
 
 def _page(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> None:
+    """The bokeh document of ``/dtm``: cluster rate over time and rate per worker."""
     # bokeh is imported here, on the scheduler, so that workers counting correlations never
     # pay for it.
     from bokeh.layouts import column  # noqa: PLC0415
@@ -129,7 +130,6 @@ def _page(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> None:
     from bokeh.models.widgets import Div  # noqa: PLC0415
     from bokeh.plotting import figure  # noqa: PLC0415
 
-    """The bokeh document of ``/dtm``: cluster rate over time and rate per worker."""
     history = ColumnDataSource({"time": [], "rate": []})
     per_worker = ColumnDataSource({"worker": [], "rate": []})
     summary = Div(text="waiting for the first heartbeat…")

@@ -218,7 +218,8 @@ def dask_cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliCl
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip tests marked ``gpu`` where no CUDA GPU is usable: the only skip in the suite."""
+    """Skip tests marked ``gpu`` where no CUDA GPU is usable (CI has none; the other skips
+    are for tools that CI installs: chromium, mkdocs, hadolint)."""
     gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu_items:
         return

@@ -1,4 +1,5 @@
-"""Fused statistics update: one pass over each correlation map (numba on CPU, CUDA on GPU).
+"""Compiled kernels: the fused statistics update, one pass over each correlation map (numba
+on CPU, CUDA on GPU), and the central-slice extraction (numba, :func:`central_slices`).
 
 :func:`dtm.search.stats.update_numpy` is the reference: per map, in search order, a strict
 ``>`` against the running maximum (so ties keep the lowest index) and float64 sums of the

@@ -1,9 +1,10 @@
-"""Functions that run as Dask tasks of a search (on workers, never holding global state).
+"""Functions that run as Dask tasks of a search, on the workers.
 
 Each task reads only its arguments and writes only its own files, so Dask may rerun any of
-them (after a lost worker, or on resume) and get the same result. The last task of a
-micrograph, which writes its results, is :func:`dtm.search.persist.persist`: kept apart so
-that workers which only correlate never import xarray and zarr.
+them (after a lost worker, or on resume) and get the same result; the one module-level state
+is a per-process cache of GPU copies of the shared inputs, which changes no result. The
+last task of a micrograph, which writes its results, is :func:`dtm.search.persist.persist`:
+kept apart so that workers which only correlate never import xarray and zarr.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class MicrographTask:
     #: Fourier-crop the micrograph to this pixel size (Å) first (``high_resolution_limit``).
     crop_pixel_size: float | None = None
     #: Pixel size of the configuration, used where the MRC header has none.
-    header_pixel_size: float | None = None
+    fallback_pixel_size: float | None = None
 
 
 def _to_device(kind: str, value: Any, device: str) -> Any:
@@ -90,7 +91,7 @@ def load_template(
 
 def load_micrograph(task: MicrographTask, relative_defocus: np.ndarray) -> ImageInputs:
     """Read, whiten and normalise a micrograph; build its filter stack."""
-    micrograph = read_micrograph(task.path, pixel_size=task.header_pixel_size)
+    micrograph = read_micrograph(task.path, pixel_size=task.fallback_pixel_size)
     data = micrograph.data
     if task.crop_pixel_size is not None:
         data, _ = fourier_crop(data, micrograph.pixel_size, new_pixel_size=task.crop_pixel_size)
