@@ -7,6 +7,7 @@ nothing else is caught, so a bug keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,23 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _number(above: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number, ``> above`` when given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be > {above:g}, got {value:g}")
         return value
 
     return parse
@@ -160,14 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     cut = peaks.add_mutually_exclusive_group()
     cut.add_argument(
         "--false-positives",
-        type=float,
+        type=_number(above=0),
         metavar="F",
         help="expected false positives per micrograph (default 1)",
     )
-    cut.add_argument("--z-cutoff", type=float, metavar="Z", help="fixed scaled-MIP cut-off")
+    cut.add_argument("--z-cutoff", type=_number(), metavar="Z", help="fixed scaled-MIP cut-off")
     peaks.add_argument(
         "--min-distance",
-        type=float,
+        type=_number(above=0),
         metavar="PIXELS",
         help="minimum distance between peaks (pixels)",
     )

@@ -13,7 +13,7 @@ from typing import Any, TextIO
 
 import dtm
 from dtm.config import MatchConfig, MicrographEntry, config_to_dict
-from dtm.errors import DtmError, OutputError
+from dtm.errors import ConfigError, DtmError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph
 from dtm.jobfile import file_digest
 from dtm.physics.resample import cropped_size
@@ -164,6 +164,10 @@ def dataset_attrs(
     }
 
 
+#: Fewest pixels across a Fourier-cropped template: below it a search finds only blobs.
+MIN_CROPPED_BOX = 16
+
+
 @dataclass(frozen=True)
 class Sampling:
     """Pixel size and shapes the search runs at (smaller with ``high_resolution_limit``)."""
@@ -182,13 +186,24 @@ class Sampling:
 
 
 def sampling_for(config: MatchConfig, template: MrcData) -> Sampling:
-    """Fourier cropping to ``high_resolution_limit``: the template fixes the new pixel size."""
+    """Fourier cropping to ``high_resolution_limit``: the template fixes the new pixel size.
+
+    Raises
+    ------
+    ConfigError
+        If the limit would leave the template fewer than :data:`MIN_CROPPED_BOX` pixels wide.
+    """
     d = int(template.data.shape[-1])
     pixel_size = config.optics_group.pixel_size
     limit = config.high_resolution_limit
     cropped = d if limit is None else cropped_size(d, pixel_size, limit / 2)
     if cropped == d:
         return Sampling(pixel_size, (d, d))
+    if cropped < MIN_CROPPED_BOX:
+        raise ConfigError(
+            f"high_resolution_limit: {limit:g} Å would leave the {d}-pixel template "
+            f"{cropped} pixels wide (at least {MIN_CROPPED_BOX}); choose a finer limit"
+        )
     # The cropped template's exact pixel size; micrographs are cropped to match it.
     new_pixel_size = pixel_size * d / cropped
     return Sampling(new_pixel_size, (cropped, cropped), new_pixel_size)

@@ -163,6 +163,10 @@ CASES: dict[str, tuple[Callable[[Path, dict, dict], str], list[str]]] = {
         [],
     ),
     "unknown symmetry": (_setter("orientation_search_config.symmetry", "X7", "X7"), []),
+    "resolution limit leaves no template": (
+        _setter("high_resolution_limit", 1000.0, "high_resolution_limit: 1000 Å would leave"),
+        [],
+    ),
     "missing template": (_setter("template_volume_path", "/nonexistent/t.mrc", "t.mrc"), []),
     "missing micrograph in table": (
         _table([{"micrograph_path": "/nonexistent/m.mrc", **_CTF}], "m.mrc"),
@@ -252,6 +256,9 @@ def test_cluster_kind_from_the_command_line(good, tmp_path, capsys):
         (["match", "c.yaml", "--workers", "two"], "argument --workers: expected an integer"),
         (["peaks", "out", "--border", "-1"], "argument --border: must be >= 0, got -1"),
         (["browse", "out", "--port", "-5"], "argument --port: must be >= 0, got -5"),
+        (["peaks", "out", "--z-cutoff", "nan"], "argument --z-cutoff: expected a finite number"),
+        (["peaks", "out", "--false-positives", "0"], "argument --false-positives: must be > 0"),
+        (["peaks", "out", "--min-distance", "x"], "argument --min-distance: expected a number"),
     ],
 )
 def test_out_of_range_options_are_refused_before_anything_runs(argv, expect, capsys):

@@ -277,6 +277,10 @@ def test_angle_ranges_need_c1(tmp_path: Path) -> None:
             "cluster.kind: scheduler_address needs kind address (got 'slurm')",
         ),
         ({"cluster": {"kind": "pbs", "cores": 8}}, "cluster.memory: required with kind pbs"),
+        (
+            {"peaks": {"z_score_cutoff": float("nan")}},
+            "peaks.z_score_cutoff: Input should be a finite number",
+        ),
         ({"cluster": {"kind": "kubernetes"}}, "cluster.image: required with kind kubernetes"),
         (
             {"orientation_search_config": {"theta_max": 200}},

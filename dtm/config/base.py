@@ -59,7 +59,7 @@ class _Model(BaseModel):
     """Base of all sections: unknown keys are errors; ``leopard_unused`` lists the
     Leopard-EM fields that dtm accepts but ignores (a notice when not at their default)."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
     leopard_unused: ClassVar[tuple[str, ...]] = ()
 
 
