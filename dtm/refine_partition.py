@@ -1,7 +1,7 @@
 """One partition of refine-template: the particles of one micrograph.
 
 The micrograph is read once, whitened, band-passed and normalised with
-:func:`dtm.search.prepare.prepare_image` exactly as the match search does it (pixel variance
+:func:`dtm.search.prepare.filter_micrograph` exactly as the match search does it (pixel variance
 ``1/(H·W)`` of the whole micrograph), and the boxes are cut from the filtered image, so the
 correlations are on the match's scale. Projection filters are CTF (at each particle's
 relative defocus + offsets) × the same whitening × band-pass as the match's. The match's
@@ -15,19 +15,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.fft
 
 from dtm.config import PreprocessingFilters
 from dtm.errors import InputError
 from dtm.io.mrc import pixel_sizes_differ, read_micrograph
 from dtm.io.store import open_results
 from dtm.particles import extract_boxes
-from dtm.physics.filters import radial_power_spectrum
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import compose, euler_to_matrix, matrix_to_euler
 from dtm.refine_kernel import BATCH_BYTES, search_particle, search_window
 from dtm.search.orientations import local_grid
-from dtm.search.prepare import FilterSettings, Optics, image_filter, prepare_image
+from dtm.search.prepare import (
+    FilterSettings,
+    Optics,
+    filter_micrograph,
+    image_filter,
+    projection_filters,
+)
 
 #: Columns appended by refine-template → dtype (the order of docs/outputs.md, then the box flag).
 REFINED_DTYPES: dict[str, str] = {
@@ -130,18 +134,8 @@ def _filtered_micrograph(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The micrograph filtered and normalised exactly as the match search does it, and the
     whitening × band-pass of its projections on the template's rfft grid."""
-    inputs = prepare_image(
-        image, box_shape=box, optics=optics, relative_defocus=np.zeros(1), filters=filters
-    )
-    # prepare_image keeps the spectrum of the zero-padded image; its top-left is the image.
-    filtered = scipy.fft.irfft2(inputs.spectrum, s=inputs.fft_shape)[
-        : image.shape[0], : image.shape[1]
-    ]
-    profile = None
-    if filters.whitening:
-        profile = radial_power_spectrum(image, n_bins=filters.whitening_bins)
-    box_filter = image_filter(box, filters, optics.pixel_size, profile, np)
-    return np.ascontiguousarray(filtered, dtype=np.float32), box_filter
+    filtered, profile = filter_micrograph(image, pixel_size=optics.pixel_size, filters=filters)
+    return filtered, image_filter(box, filters, optics.pixel_size, profile, np)
 
 
 def _statistics_maps(
@@ -196,12 +190,10 @@ def _filtered_box(
     filters: FilterSettings,
     relative: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A box filtered and normalised on its own (``apply_global_filtering: false``)."""
-    inputs = prepare_image(
-        raw, box_shape=box, optics=optics, relative_defocus=relative, filters=filters
-    )
-    filtered = scipy.fft.irfft2(inputs.spectrum, s=inputs.fft_shape)[: raw.shape[0], : raw.shape[1]]
-    return np.ascontiguousarray(filtered, dtype=np.float32), inputs.filters
+    """A box filtered and normalised on its own (``apply_global_filtering: false``), and
+    the projection filters of every defocus offset."""
+    filtered, profile = filter_micrograph(raw, pixel_size=optics.pixel_size, filters=filters)
+    return filtered, projection_filters(box, optics, relative, filters, profile)
 
 
 def refine_partition(

@@ -20,7 +20,14 @@ from dtm.physics.rotations import euler_to_matrix
 from dtm.search import fused
 from dtm.search.kernel import correlate_chunk, filtered_projections
 from dtm.search.orientations import uniform_grid
-from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
+from dtm.search.prepare import (
+    FilterSettings,
+    ImageInputs,
+    Optics,
+    filter_micrograph,
+    prepare_image,
+    projection_filters,
+)
 from dtm.search.space import SearchSpace
 from dtm.search.stats import PartialStats, finalise, update, update_numpy
 from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
@@ -70,6 +77,21 @@ def _prepare(micrograph, mode, defocus=(-500.0, 500.0), pixel_size=3.0, **filter
         filters=FilterSettings(**filters),
         mode=mode,
     )
+
+
+def test_filtered_micrograph_is_normalised_and_is_what_the_kernel_correlates(small_problem):
+    micrograph, _ = small_problem
+    settings = FilterSettings(low_resolution=40.0, high_resolution=8.0)
+    filtered, profile = filter_micrograph(micrograph, pixel_size=3.0, filters=settings)
+    assert filtered.dtype == np.float32 and filtered.shape == micrograph.shape
+    assert profile is not None  # whitening is on by default
+    assert abs(float(filtered.mean())) < 1e-6
+    assert float(filtered.std(dtype=np.float64)) * np.sqrt(filtered.size) == pytest.approx(1.0)
+    image = _prepare(micrograph, "valid", low_resolution=40.0, high_resolution=8.0)
+    np.testing.assert_allclose(_normalised_micrograph(image), filtered, atol=1e-6)
+    stack = projection_filters((12, 12), _optics(3.0), np.array([-500.0, 500.0]), settings, profile)
+    np.testing.assert_array_equal(stack, image.filters)
+    assert stack.shape == (2, 12, 7) and np.all(stack[:, 0, 0] == 0)
 
 
 @pytest.mark.parametrize("mode", ["valid", "same"])

@@ -143,6 +143,63 @@ def image_filter(
     return result
 
 
+def filter_micrograph(
+    micrograph: Any, *, pixel_size: float, filters: FilterSettings
+) -> tuple[Any, tuple[np.ndarray, np.ndarray] | None]:
+    """The micrograph whitened, band-passed and normalised for correlation.
+
+    Parameters
+    ----------
+    micrograph : array
+        ``(H, W)`` image (numpy or cupy; the result lives on the same device).
+    pixel_size : float
+        Å per pixel.
+    filters : FilterSettings
+        Whitening and band-pass settings.
+
+    Returns
+    -------
+    filtered : array
+        ``(H, W)`` float32, mean 0 and pixel variance ``1 / (H·W)``
+        (conventions.md#normalisation).
+    profile : tuple of numpy.ndarray or None
+        The radial power spectrum ``(k, power)`` that the whitening used (None without).
+    """
+    xp = get_xp(micrograph)
+    fft = get_fft(xp)
+    image = xp.asarray(micrograph, dtype=np.float32)
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    profile = None
+    if filters.whitening:
+        k, power = radial_power_spectrum(image, n_bins=filters.whitening_bins)
+        profile = (np.asarray(k), np.asarray(power))
+    spectrum = fft.rfft2(image)
+    spectrum *= image_filter(shape, filters, pixel_size, profile, xp)
+    spectrum[0, 0] = 0
+    filtered = fft.irfft2(spectrum, s=shape)
+    # Pixel variance 1/(H*W) makes each correlation with a unit-variance projection ~N(0, 1).
+    filtered *= 1.0 / (float(filtered.std()) * np.sqrt(shape[0] * shape[1]))
+    return filtered.astype(np.float32, copy=False), profile
+
+
+def projection_filters(
+    box_shape: tuple[int, int],
+    optics: Optics,
+    relative_defocus: np.ndarray,
+    filters: FilterSettings,
+    profile: tuple[np.ndarray, np.ndarray] | None,
+    xp: Any = np,
+) -> Any:
+    """``(n_defocus, h, w // 2 + 1)`` float32: CTF × whitening × band-pass of every defocus
+    plane on the projections' rfft grid, zero at the origin; ``profile`` as returned by
+    :func:`filter_micrograph`."""
+    ctf = optics.ctf(box_shape, relative_defocus, xp=xp)
+    whitening_bandpass = image_filter(box_shape, filters, optics.pixel_size, profile, xp)
+    stack = (ctf * whitening_bandpass[None]).astype(np.float32)
+    stack[:, 0, 0] = 0
+    return stack
+
+
 def prepare_image(
     micrograph: Any,
     *,
@@ -171,27 +228,11 @@ def prepare_image(
         Correlation mode, which fixes the map and FFT shapes.
     """
     xp = get_xp(micrograph)
-    fft = get_fft(xp)
-    image = xp.asarray(micrograph, dtype=np.float32)
-    shape = (int(image.shape[0]), int(image.shape[1]))
-    profile = None
-    if filters.whitening:
-        k, power = radial_power_spectrum(image, n_bins=filters.whitening_bins)
-        profile = (np.asarray(k), np.asarray(power))
-    spectrum = fft.rfft2(image)
-    spectrum *= image_filter(shape, filters, optics.pixel_size, profile, xp)
-    spectrum[0, 0] = 0
-    filtered = fft.irfft2(spectrum, s=shape)
-    # Pixel variance 1/(H*W) makes each correlation with a unit-variance projection ~N(0, 1).
-    filtered *= 1.0 / (float(filtered.std()) * np.sqrt(shape[0] * shape[1]))
+    filtered, profile = filter_micrograph(micrograph, pixel_size=optics.pixel_size, filters=filters)
+    shape = (int(filtered.shape[0]), int(filtered.shape[1]))
     fft_shape = fft_shape_for(shape, box_shape, mode)
-    padded_spectrum = fft.rfft2(filtered, s=fft_shape).astype(np.complex64)
-
-    ctf = optics.ctf(box_shape, relative_defocus, xp=xp)
-    stack = (ctf * image_filter(box_shape, filters, optics.pixel_size, profile, xp)[None]).astype(
-        np.float32
-    )
-    stack[:, 0, 0] = 0
+    padded_spectrum = get_fft(xp).rfft2(filtered, s=fft_shape).astype(np.complex64)
+    stack = projection_filters(box_shape, optics, relative_defocus, filters, profile, xp)
     return ImageInputs(
         spectrum=padded_spectrum,
         filters=stack,
