@@ -14,7 +14,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -155,20 +155,8 @@ def match_template(
         output_dir.mkdir(parents=True, exist_ok=True)
         write_job(output_dir, config_to_dict(config), run_fingerprint)
         run_token = token(f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}")
-        tasks_run, n_searched = _run(
-            client,
-            config,
-            plans,
-            sampling,
-            space,
-            chunks,
-            done,
-            output_dir,
-            start,
-            run_device,
-            run_token,
-            out,
-        )
+        search = _Search(config, sampling, space, chunks, output_dir, start, run_device, run_token)
+        tasks_run, n_searched = _run(client, search, plans, done, out)
         # A resumed run that had nothing left to search keeps the peaks picked earlier
         # (perhaps re-picked with `dtm peaks`).
         if n_searched or not (output_dir / "peaks.csv").exists():
@@ -201,18 +189,25 @@ def match_template(
 TASKS_IN_FLIGHT_PER_THREAD = 4
 
 
+@dataclass(frozen=True)
+class _Search:
+    """What every micrograph of a run shares."""
+
+    config: MatchConfig
+    sampling: Sampling
+    space: SearchSpace
+    chunks: list[tuple[int, int]]
+    output_dir: Path
+    start: str  # the run's start time, recorded in every dataset
+    device: str
+    token: str  # in every task key: two runs sharing a scheduler never share a task
+
+
 def _run(
     client: distributed.Client,
-    config: MatchConfig,
+    search: _Search,
     plans: list[MicrographPlan],
-    sampling: Sampling,
-    space: SearchSpace,
-    chunks: list[tuple[int, int]],
     done: set[str],
-    output_dir: Path,
-    start: str,
-    device: str,
-    run_token: str,
     out: TextIO,
 ) -> tuple[int, int]:
     """Search every micrograph still to search, a window of them at a time; record each.
@@ -220,10 +215,15 @@ def _run(
     Micrographs are submitted as the earlier ones finish, enough of them to keep every
     worker thread busy, so that a project of thousands of micrographs never holds all
     their graphs at once (on the client or on the scheduler) and the first ones finish,
-    and are recorded for ``--resume``, early. Keys carry ``run_token`` so that two runs
-    sharing a scheduler never share a task. Returns the number of correlation tasks
+    and are recorded for ``--resume``, early. Returns the number of correlation tasks
     computed (not restored from checkpoints) and of micrographs whose maps were written.
     """
+    config, space, chunks, output_dir = (
+        search.config,
+        search.space,
+        search.chunks,
+        search.output_dir,
+    )
     todo = []
     for plan in plans:
         if plan.status == "failed":
@@ -251,28 +251,21 @@ def _run(
     with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
         space_node, template_node = client.compute(
             [
-                dask.delayed(space, name=f"space-{run_token}", traverse=False),
+                dask.delayed(space, name=f"space-{search.token}", traverse=False),
                 dask.delayed(tasks.load_template)(
                     str(config.template_volume_path),
-                    sampling.crop_pixel_size,
+                    search.sampling.crop_pixel_size,
                     config.optics_group.pixel_size,
-                    dask_key_name=f"prepare-template-{run_token}",
+                    dask_key_name=f"prepare-template-{search.token}",
                 ),
             ]
         )
     graph = functools.partial(
         _micrograph_graph,
-        config=config,
-        sampling=sampling,
-        space=space,
-        chunks=chunks,
+        search=search,
         space_node=space_node,
         template_node=template_node,
         single=len(plans) == 1,
-        output_dir=output_dir,
-        start=start,
-        device=device,
-        run_token=run_token,
     )
     waiting, running = list(reversed(todo)), distributed.as_completed()
     plan_of: dict[str, MicrographPlan] = {}
@@ -318,20 +311,14 @@ def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:
 def _micrograph_graph(
     plan: MicrographPlan,
     *,
-    config: MatchConfig,
-    sampling: Sampling,
-    space: SearchSpace,
-    chunks: list[tuple[int, int]],
+    search: _Search,
     space_node: distributed.Future,
     template_node: distributed.Future,
     single: bool,
-    output_dir: Path,
-    start: str,
-    device: str,
-    run_token: str,
 ) -> Delayed:
     """The graph of one micrograph's search, ending in the task that writes its maps."""
-    tok = token(f"{run_token}/{plan.name}")
+    config, sampling, output_dir = search.config, search.sampling, search.output_dir
+    tok = token(f"{search.token}/{plan.name}")
     job = tasks.MicrographTask(
         plan.name,
         str(plan.entry.micrograph_path),
@@ -343,17 +330,17 @@ def _micrograph_graph(
         config.optics_group.pixel_size,
     )
     image_node = dask.delayed(tasks.load_micrograph)(
-        job, space.defocus, dask_key_name=f"prepare-{tok}"
+        job, search.space.defocus, dask_key_name=f"prepare-{tok}"
     )
     tree = search_graph(
         tok,
         image_node,
         template_node,
         space_node,
-        chunks,
+        search.chunks,
         split_every=config.cluster.split_every,
         checkpoint_dir=_checkpoints(output_dir, plan),
-        device=device,
+        device=search.device,
     )
     extra = config.match_template_result.map_paths() if config.match_template_result else None
     root: Delayed = dask.delayed(persist)(
@@ -363,7 +350,7 @@ def _micrograph_graph(
         group=None if single else plan.name,
         prefix="" if single else f"{plan.name}_",
         pixel_size=plan.optics.pixel_size,
-        attrs=dataset_attrs(config, plan, sampling, space, start),
+        attrs=dataset_attrs(config, plan, sampling, search.space, search.start),
         extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
         dask_key_name=f"persist-{tok}",
     )
