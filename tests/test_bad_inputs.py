@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -293,3 +295,27 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(good, tmp_path):
         f"dtm: interrupted; continue with: dtm match {config} --resume"
     )
     assert "Traceback" not in err
+
+
+def test_ctrl_c_inside_a_gc_callback_is_delivered_after_it():
+    """Python drops an exception raised in a gc callback ("Exception ignored"); distributed
+    runs such callbacks, and a Ctrl-C landing in one used to be lost."""
+    from dtm.cli import _reliable_interrupts
+
+    landed_in_callback = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start" and not landed_in_callback:
+            landed_in_callback.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # handled before this callback returns
+            for _ in range(1000):  # Python code for the handler to run inside
+                pass
+
+    gc.callbacks.append(callback)
+    try:
+        with _reliable_interrupts(), pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(5)  # the interrupt must arrive here, long before 5 s
+    finally:
+        gc.callbacks.remove(callback)
+    assert landed_in_callback
