@@ -35,6 +35,7 @@ __all__ = [
     "pick_peaks",
     "repick",
     "search_region",
+    "map_thresholds",
     "threshold",
     "threshold_label",
     "threshold_summary",
@@ -134,19 +135,33 @@ def threshold_label(cutoffs: list[float], false_positives: float | None) -> str:
     return f"z* = {span} ({false_positives:g} false positive{plural} per micrograph)"
 
 
+def map_thresholds(
+    results: str | os.PathLike[str],
+    *,
+    false_positives: float | None = None,
+    z_score_cutoff: float | None = None,
+) -> dict[str, float]:
+    """``{micrograph_name: z*}`` of a results store, as :func:`repick` applies them (same
+    defaults). Reads only metadata."""
+    fp = 1.0 if false_positives is None else float(false_positives)
+    return {
+        name: map_threshold(ds, false_positives=fp, z_score_cutoff=z_score_cutoff)
+        for name, ds in open_results(results).items()
+    }
+
+
 def threshold_summary(
     results: str | os.PathLike[str],
     *,
     false_positives: float | None = None,
     z_score_cutoff: float | None = None,
 ) -> str:
-    """:func:`threshold_label` of the cut-offs of every micrograph of a results store, as
-    :func:`repick` applies them (same defaults). Reads only metadata."""
-    if z_score_cutoff is not None:
-        return threshold_label([float(z_score_cutoff)], None)
-    fp = 1.0 if false_positives is None else float(false_positives)
-    datasets = open_results(results).values()
-    return threshold_label([map_threshold(ds, false_positives=fp) for ds in datasets], fp)
+    """:func:`threshold_label` of :func:`map_thresholds`."""
+    cutoffs = map_thresholds(
+        results, false_positives=false_positives, z_score_cutoff=z_score_cutoff
+    )
+    fp = None if z_score_cutoff is not None else (false_positives or 1.0)
+    return threshold_label(list(cutoffs.values()), fp)
 
 
 def peaks_table(
@@ -302,7 +317,8 @@ def repick(
 
     Writes ``peaks.csv``, ``peaks.parquet/`` (partitioned by micrograph) and ``peaks.star``
     in ``results_dir``, all replaced together only once every one is written, then
-    :data:`PICKING_FILE` with the settings used (what ``dtm report`` shows as the threshold).
+    :data:`PICKING_FILE` with the options used and the z* applied to each micrograph (what
+    ``dtm report`` shows as the threshold).
 
     Parameters
     ----------
@@ -351,6 +367,9 @@ def repick(
         "min_distance_pixels": min_distance,
         "min_distance_angstrom": min_distance_angstrom,
         "border_pixels": border,
+        "z_thresholds": map_thresholds(
+            directory, false_positives=false_positives, z_score_cutoff=z_score_cutoff
+        ),
     }
     write_json(directory / PICKING_FILE, settings)
     return table

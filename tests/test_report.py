@@ -76,6 +76,7 @@ def test_report_shows_the_threshold_of_the_last_pick(tmp_path: Path) -> None:
     cutoff, label = report_threshold(dataset, picking)
     n_positions = dataset.sizes["y"] * dataset.sizes["x"]
     assert cutoff == threshold(n_positions, dataset.attrs["total_correlations"], 100.0)
+    assert picking["z_thresholds"] == {"micrograph": cutoff}  # the z* applied, recorded
     page = write_report(run).read_text()
     assert label == f"z* = {cutoff:.2f} (100 false positives per micrograph)" and label in page
     repick(run, z_score_cutoff=8.5)
