@@ -282,14 +282,20 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(good, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     assert run.stdout is not None
-    for line in run.stdout:  # interrupt once the search has started
-        if line.startswith("search:"):
-            break
-    time.sleep(2.0)
-    run.send_signal(signal.SIGINT)
-    _, err = run.communicate(timeout=120)
+    try:
+        for line in run.stdout:  # interrupt once the search has started
+            if line.startswith("search:"):
+                break
+        time.sleep(2.0)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:  # a search that ignored the interrupt must not outlive the test
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)  # with its worker processes
+            run.communicate()
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
         f"dtm: interrupted; continue with: dtm match {config} --resume"
