@@ -61,6 +61,10 @@ if TYPE_CHECKING:
 
 #: Seconds to wait for a scheduler to answer before giving up.
 CONNECT_TIMEOUT_S = 10.0
+#: Seconds to wait for the first worker (``cluster.worker_timeout`` overrides it) ...
+WORKER_TIMEOUT_S = 60.0
+#: ... except for kinds whose workers are batch jobs or pods, which may wait in a queue.
+QUEUED_KINDS = frozenset({"slurm", "pbs", "kubernetes"})
 
 
 def resolve_kind(
@@ -99,8 +103,9 @@ def worker_threads(client: distributed.Client) -> int:
     return sum(client.nthreads().values())
 
 
-def ensure_workers(client: distributed.Client, n: int = 1, timeout: float = 60) -> None:
-    """Wait until at least ``n`` workers are connected (jobs queued, pods starting …).
+def ensure_workers(client: distributed.Client, n: int = 1, timeout: float | None = 60) -> None:
+    """Wait until at least ``n`` workers are connected (jobs queued, pods starting …);
+    ``timeout`` None waits as long as it takes.
 
     Raises
     ------
@@ -242,7 +247,12 @@ def session(
                     quiet=True,
                 )
             )
-        ensure_workers(client, 1)
+        kind = resolve_kind(cluster, scheduler_address, device)
+        queued = kind in QUEUED_KINDS
+        if queued and worker_count(client) == 0:
+            print("waiting for the first worker job to start (Ctrl-C to stop)", file=out)
+        timeout = setting(cluster, "worker_timeout", None if queued else WORKER_TIMEOUT_S)
+        ensure_workers(client, 1, timeout)
         dashboard.install(client)
         link = dashboard_link(client)
         rate_page = f"  (correlations/s per worker: {link.removesuffix('/status')}/dtm)"

@@ -245,7 +245,7 @@ def _scale_jobs(started: Any, cluster: ClusterConfig | None, n_jobs: int | None)
     """Fixed number of jobs, or adaptive between ``adapt_minimum`` and ``adapt_maximum``."""
     maximum = setting(cluster, "adapt_maximum")
     if maximum is not None and n_jobs is None:
-        started.adapt(minimum_jobs=int(setting(cluster, "adapt_minimum", 0)), maximum_jobs=maximum)
+        started.adapt(minimum_jobs=int(setting(cluster, "adapt_minimum", 1)), maximum_jobs=maximum)
     else:
         started.scale(jobs=n_jobs or int(setting(cluster, "n_jobs", 1)))
 

@@ -118,14 +118,12 @@ class CliCluster:
         self.worker_procs.append(proc)
         return proc
 
-    def kill_worker(self, index: int = -1) -> None:
-        """SIGKILL a worker and its nanny at once, as a lost node would vanish."""
-        proc = self.worker_procs[index]
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    def kill_worker(self) -> None:
+        """SIGKILL a running worker and its nanny at once, as a lost node would vanish."""
+        alive = [proc for proc in self.worker_procs if proc.poll() is None]
+        assert alive, "no running worker to kill"
+        os.killpg(alive[0].pid, signal.SIGKILL)
+        alive[0].wait(timeout=SHUTDOWN_TIMEOUT_S)
 
     def connected_workers(self) -> int:
         """Number of workers the scheduler knows now."""

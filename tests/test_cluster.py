@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -16,6 +17,7 @@ from dtm.cluster import (
     ensure_workers,
     gpu_unavailable_reason,
     resolve_kind,
+    session,
     worker_count,
     worker_threads,
 )
@@ -152,13 +154,32 @@ def _square(value: int) -> int:
 
 
 def test_external_cluster_loses_and_regains_a_worker(dask_cli_cluster):
-    dask_cli_cluster.kill_worker(0)
-    deadline = time.monotonic() + 30
-    while dask_cli_cluster.connected_workers() != 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert dask_cli_cluster.connected_workers() == 1
-    dask_cli_cluster.restore_workers()
+    try:
+        dask_cli_cluster.kill_worker()
+        deadline = time.monotonic() + 30
+        while dask_cli_cluster.connected_workers() != 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dask_cli_cluster.connected_workers() == 1
+    finally:
+        dask_cli_cluster.restore_workers()
     with connect(scheduler_address=dask_cli_cluster.address, quiet=True) as client:
         assert worker_count(client) == 2
         # functions of test modules unpickle on the external workers too
         assert client.gather(client.map(_square, range(4))) == [0, 1, 4, 9]
+
+
+@pytest.mark.parametrize(
+    ("kind_settings", "says_waiting"),
+    [({}, False), ({"kind": "slurm", "cores": 1, "memory": "1GB"}, True)],
+)
+def test_waiting_for_the_first_worker_is_bounded_by_worker_timeout(kind_settings, says_waiting):
+    import distributed
+
+    config = ClusterConfig(worker_timeout=0.5, **kind_settings)
+    printed = io.StringIO()
+    with distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        with distributed.Client(empty) as client:
+            with pytest.raises(ClusterError, match=r"0 worker\(s\) after 0\.5 s, 1 needed"):
+                with session(client, config, out=printed):
+                    pass
+    assert ("waiting for the first worker job" in printed.getvalue()) == says_waiting

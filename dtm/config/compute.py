@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dtm.config.base import PositiveInt, _Model, _ordered, _Problem
+from dtm.config.base import Positive, PositiveInt, _Model, _ordered, _Problem
 
 
 class ComputationalConfig(_Model):
@@ -67,6 +67,9 @@ class ClusterConfig(_Model):
     """Orientations per task; null chooses automatically."""
     split_every: Annotated[int, Field(ge=2)] = 8
     """Partial results merged by one reduction task."""
+    worker_timeout: Positive | None = None
+    """Seconds to wait for the first worker before giving up; default 60, and no limit for
+    slurm, pbs and kubernetes, whose workers may wait in a queue."""
     dashboard_address: str = ":8787"
     """Dashboard address of a cluster that dtm starts."""
     queue: str | None = None
@@ -85,8 +88,9 @@ class ClusterConfig(_Model):
     """GPUs per job (slurm, pbs)."""
     n_jobs: PositiveInt | None = None
     """Jobs to start (slurm, pbs)."""
-    adapt_minimum: Annotated[int, Field(ge=0)] | None = None
-    """Adaptive scaling: fewest jobs (slurm, pbs)."""
+    adapt_minimum: PositiveInt | None = None
+    """Adaptive scaling: fewest jobs (slurm, pbs; default 1: the search starts once a worker
+    is up, and adaptive scaling asks for jobs only for tasks already submitted)."""
     adapt_maximum: PositiveInt | None = None
     """Adaptive scaling: most jobs (slurm, pbs)."""
     job_extra_directives: list[str] = []
