@@ -202,6 +202,15 @@ def _start_cli_cluster(log_dir: Path, n_workers: int) -> CliCluster:
     return cluster
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dask_scratch_in_pytest_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Workers' scratch space under pytest's temporary directory, not /tmp/dask-scratch-space."""
+    import dask
+
+    with dask.config.set({"temporary-directory": str(tmp_path_factory.mktemp("dask-scratch"))}):
+        yield
+
+
 @pytest.fixture(scope="session")
 def dask_cli_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliCluster]:
     """A real external cluster: ``dask scheduler`` and two ``dask worker`` processes.

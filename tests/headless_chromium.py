@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -94,6 +97,20 @@ def _devtools_port(profile: Path, process: subprocess.Popen[bytes], timeout_s: f
     return int(marker.read_text().split()[0])
 
 
+def _wait_for_group_exit(group: int, timeout_s: float = 10.0) -> None:
+    """Until every process of ``group`` (Chromium's helpers) is gone, so that none still
+    writes to the profile being removed; SIGKILL what is left after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
 def run_page(
     url: str,
     script: Callable[[Page], Awaitable[Any]],
@@ -117,6 +134,7 @@ def run_page(
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its helper processes share the group, to stop them all
         )
         try:
             port = _devtools_port(Path(profile), process, timeout_s)
@@ -138,9 +156,10 @@ def run_page(
 
             return asyncio.run(session())
         finally:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+            _wait_for_group_exit(process.pid)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import dask
 import dask.dataframe as dd
+import fsspec
 import numpy as np
 import pandas as pd
 import pytest
@@ -309,13 +311,17 @@ def test_dataframe_over_three_micrographs(tmp_path):
 
 def test_dataframe_from_fsspec_urls(tmp_path):
     datasets = three_micrographs()[:2]
-    write_store("memory://dtm-test/results.zarr", datasets)
-    from_memory = peaks_dataframe("memory://dtm-test/results.zarr", min_distance=4)
+    root = f"/dtm-test-{uuid.uuid4().hex}"
+    write_store(f"memory://{root}/results.zarr", datasets)
+    from_memory = peaks_dataframe(f"memory://{root}/results.zarr", min_distance=4)
     write_store(tmp_path / "results.zarr", datasets)
     from_file = peaks_dataframe(f"file://{tmp_path}/results.zarr", min_distance=4)
-    with dask.config.set(scheduler="sync"):
-        memory_table = from_memory.compute().reset_index(drop=True)
-        file_table = from_file.compute().reset_index(drop=True)
+    try:
+        with dask.config.set(scheduler="sync"):
+            memory_table = from_memory.compute().reset_index(drop=True)
+            file_table = from_file.compute().reset_index(drop=True)
+    finally:
+        fsspec.filesystem("memory").rm(root, recursive=True)
     assert len(memory_table) == 3
     pd.testing.assert_frame_equal(memory_table, file_table)
 
