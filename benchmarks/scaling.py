@@ -2,7 +2,8 @@
 
 * correlations/s with 1, 2, … single-threaded worker processes on one machine (case S of
   ``throughput.py``: 512² micrograph, 64³ template), steady state: ``ΔN / Δt`` between a
-  full search and a 24-orientation search on the same running cluster;
+  full search and a 24-orientation search on the same running cluster, beside the FFT floor
+  of as many single-threaded processes and the ratio of time per correlation to it;
 * peak resident memory (RSS) of each worker, sampled every 0.2 s through ``client.run``,
   for a search of 243 and of 20,400 orientations: bounded by a few maps, whatever the
   number of orientations.
@@ -21,7 +22,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from throughput import CASES, machine_header, time_match, write_match_inputs
+from throughput import (
+    CASES,
+    machine_header,
+    marginal_rate,
+    measure_floor_and_kernel,
+    time_match,
+    write_match_inputs,
+)
 
 #: Orientation grids (psi_step, theta_step) of the memory test: 243 and 20,400 orientations.
 MEMORY_GRIDS = {243: (40.0, 40.0), 20400: (9.0, 9.0)}
@@ -57,9 +65,7 @@ def steady_rate(client: Any, tiny: Path, full: Path, repeats: int) -> float:
     """Median correlations/s of the full search beyond the fixed cost of a tiny one."""
     rates = []
     for _ in range(repeats):
-        small, big = time_match(tiny, client), time_match(full, client)
-        delta = big["correlations"] - small["correlations"]
-        rates.append(delta / (big["wall_s"] - small["wall_s"]))
+        rates.append(marginal_rate(time_match(tiny, client), time_match(full, client)))
     return statistics.median(rates)
 
 
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     case = CASES["S"]
     header = machine_header()
-    result: dict[str, Any] = {"header": header, "rates": {}, "memory_mib": {}}
+    result: dict[str, Any] = {"header": header, "rates": {}, "floor": {}, "memory_mib": {}}
     with tempfile.TemporaryDirectory(prefix="dtm-scaling-") as tmp:
         root = Path(tmp)
         full = write_match_inputs(case, root / "full")
@@ -98,13 +104,19 @@ def main(argv: list[str] | None = None) -> int:
                 if n_workers == max(int(x) for x in args.workers.split(",")):
                     for n, path in grids.items():
                         result["memory_mib"][n] = peak_worker_memory(client, path)
+            # The FFT floor of as many single-threaded processes, once the cluster is gone.
+            floor = measure_floor_and_kernel(n_workers, case, "cpu", args.repeats)["floor"]
+            result["floor"][n_workers] = floor["items_per_s"]
             print(f"{n_workers} worker(s) done", file=sys.stderr)
     print(f"machine: {header['machine']}, {header['cores']} cores, load {header['load_average']}")
     print(f"case S ({case.image_size}² micrograph, {case.box_size}³ template), steady state:")
-    print("| workers | correlations/s | speed-up |\n|---|---|---|")
+    print("| workers | correlations/s | speed-up | FFT floor corr/s | time ÷ floor |")
+    print("|---|---|---|---|---|")
     base = result["rates"][min(result["rates"])]
     for n_workers, rate in result["rates"].items():
-        print(f"| {n_workers} | {rate:,.0f} | {rate / base:.2f}× |")
+        floor = result["floor"][n_workers]
+        ratio = floor / rate  # time per correlation ÷ the floor's
+        print(f"| {n_workers} | {rate:,.0f} | {rate / base:.2f}× | {floor:,.0f} | {ratio:.2f} |")
     print("\n| orientations | peak RSS per worker (MiB) |\n|---|---|")
     for n, peaks in result["memory_mib"].items():
         print(f"| {n:,} | " + ", ".join(f"{v:,.0f}" for v in peaks.values()) + " |")

@@ -169,15 +169,17 @@ def _time_floor(n: int) -> tuple[float, float, int]:
     return time.perf_counter() - wall, time.process_time() - cpu, n
 
 
-def _measure(
-    n_proc: int, case: Case, device: str, fft_shape: tuple, n_floor: int, repeats: int
-) -> dict[str, Any]:
+def measure_floor_and_kernel(n_proc: int, case: Case, device: str, repeats: int) -> dict[str, Any]:
     """Floor and kernel, alternated in the same processes; medians per repeat.
 
     Each repeat times the floor and then the kernel in every process at once, so both see
     the same machine: on a shared VM the speed of the cores drifts by ±30 % over minutes,
     and the ratio of the pair is much steadier than either figure.
     """
+    from dtm.search.prepare import fft_shape_for
+
+    fft_shape = fft_shape_for((case.image_size,) * 2, (case.box_size,) * 2, "valid")
+    n_floor = max(4, int(2e8 // (fft_shape[0] * fft_shape[1] * 10)))
     ctx = multiprocessing.get_context("spawn")  # fresh processes: default malloc settings
     runs: dict[str, list] = {"floor": [], "kernel": []}
     ratios_wall, ratios_cpu = [], []
@@ -324,6 +326,18 @@ def startup_in_fresh_process(config_path: Path, device: str) -> dict[str, float]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def marginal_rate(small: dict[str, float], big: dict[str, float]) -> float:
+    """Correlations/s of ``big`` beyond the fixed cost of ``small`` (two ``time_match``
+    results on the same running cluster): ``ΔN / Δt``."""
+    elapsed = big["wall_s"] - small["wall_s"]
+    if elapsed <= 0:
+        raise RuntimeError(
+            f"the full search took no longer than the tiny one ({big['wall_s']:.2f} s against "
+            f"{small['wall_s']:.2f} s): the machine is too noisy for a steady rate"
+        )
+    return (big["correlations"] - small["correlations"]) / elapsed
+
+
 def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
     """Whole-command rate, steady-state rate, start-up and wind-down of ``dtm match``.
 
@@ -349,9 +363,7 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
             with connect(ClusterConfig(device=device), quiet=True) as client:
                 client.wait_for_workers(1)
                 small, big = time_match(tiny, client, device), time_match(full, client, device)
-            steady.append(
-                (big["correlations"] - small["correlations"]) / (big["wall_s"] - small["wall_s"])
-            )
+            steady.append(marginal_rate(small, big))
         fresh = [startup_in_fresh_process(tiny, device) for _ in range(repeats)]
         command = statistics.median(time_command(tiny, device) for _ in range(repeats))
     return {
@@ -384,8 +396,7 @@ def run_case(case: Case, repeats: int, device: str, match: bool) -> dict[str, An
         "fft_shape": list(fft_shape),
         "processes": n_proc,
     }
-    n_floor = max(4, int(2e8 // (fft_shape[0] * fft_shape[1] * 10)))
-    measured = _measure(n_proc, case, device, fft_shape, n_floor, repeats)
+    measured = measure_floor_and_kernel(n_proc, case, device, repeats)
     floor, kernel = measured["floor"], measured["kernel"]
     row.update(
         floor_per_s=floor["items_per_s"],

@@ -17,19 +17,22 @@ import numpy as np
 import pandas as pd
 import pytest
 from dask.utils import key_split
-from datasets import match_config, write_config, write_dataset
+from datasets import PSI_STEP, THETA_STEP, match_config, write_config, write_dataset
 from distributed import Client, LocalCluster, SchedulerPlugin
 
 from dtm.config import MatchConfig
 from dtm.errors import ConfigError
 from dtm.match import match_template
 from dtm.peaks import repick
+from dtm.search.orientations import uniform_grid
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow
 
 #: Many small tasks and checkpoint groups, so that a kill lands in the middle of the search.
 FINE_CLUSTER = {"chunk_size": 8, "split_every": 3}
+#: Orientations of the datasets' search grid.
+N_ORIENTATIONS = len(uniform_grid(psi_step=PSI_STEP, theta_step=THETA_STEP))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,7 @@ def test_kill_at_half_then_resume_is_bit_identical(data, reference, tmp_path):
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     checkpoints = out / "checkpoints"
-    n_chunks = math.ceil(552 / FINE_CLUSTER["chunk_size"])
+    n_chunks = math.ceil(N_ORIENTATIONS / FINE_CLUSTER["chunk_size"])
     n_groups = math.ceil(n_chunks / FINE_CLUSTER["split_every"])
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -197,7 +200,7 @@ def test_micrograph_table_run_equals_single_runs_and_skips_a_bad_one(
     # 69 tasks per micrograph keep 2 threads busy: two micrographs in flight at most.
     assert watch.most == 2
     assert set(results) == {"mic0", "mic1", "mic2"}
-    n_chunks = math.ceil(552 / FINE_CLUSTER["chunk_size"])
+    n_chunks = math.ceil(N_ORIENTATIONS / FINE_CLUSTER["chunk_size"])
     expected = f"3 micrograph(s) (1 skipped); {3 * n_chunks} tasks ({n_chunks} per micrograph)"
     assert expected in printed.getvalue()
     for name, ds in results.items():
