@@ -187,17 +187,14 @@ def to_star(df: pd.DataFrame) -> pd.DataFrame:
 
     relative = column.get("relative_defocus", 0.0)
     copied = {label: column[name] for name, label in _STAR_COPIED.items()}
-    figure_of_merit = copied.pop("rlnAutopickFigureOfMerit")
     star = {
         "rlnMicrographName": copied.pop("rlnMicrographName"),
         "rlnCoordinateX": in_file_pixels(column["pos_x_img"]),
         "rlnCoordinateY": in_file_pixels(column["pos_y_img"]),
-        **{label: copied.pop(label) for label in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")},
+        **copied,
         "rlnDefocusU": column["defocus_u"] + relative,
         "rlnDefocusV": column["defocus_v"] + relative,
-        **copied,
         "rlnMicrographPixelSize": file_pixel,
-        "rlnAutopickFigureOfMerit": figure_of_merit,
     }
     return pd.DataFrame(star)
 
