@@ -6,17 +6,15 @@ nothing else is caught, so a bug keeps its traceback.
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
-import gc
 import math
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import FrameType
+from typing import Any
 
 from dtm.errors import DtmError
 
@@ -238,41 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _where_an_interrupt_is_lost(frame: FrameType | None) -> bool:
-    """Whether Python code at ``frame`` runs inside a garbage-collector callback or a
-    ``__del__`` method, where an exception is printed as "Exception ignored" and dropped."""
-    callbacks = {getattr(getattr(cb, "__func__", cb), "__code__", None) for cb in gc.callbacks}
-    while frame is not None:
-        if frame.f_code in callbacks or frame.f_code.co_name == "__del__":
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _on_interrupt(signum: int, frame: FrameType | None) -> None:
-    """Ctrl-C as KeyboardInterrupt, but never where Python would swallow it.
-
-    distributed's GC diagnostics run Python code in garbage-collector callbacks; Python's
-    own handler raised there, the interrupt was dropped and the search went on. Such an
-    interrupt is delivered again a moment later instead, from outside the callback.
-    """
-    if _where_an_interrupt_is_lost(frame):
-        threading.Timer(0.05, _thread.interrupt_main).start()
-        return
-    raise KeyboardInterrupt
-
-
 @contextlib.contextmanager
 def _reliable_interrupts() -> Iterator[None]:
-    """:func:`_on_interrupt` handles SIGINT inside the block (main thread only)."""
+    """Ctrl-C that Python dropped is sent again (main thread only).
+
+    A KeyboardInterrupt raised in a garbage-collector or weakref callback or a ``__del__``
+    (distributed runs Python code in all three) cannot propagate: Python reports it to
+    ``sys.unraisablehook`` as "Exception ignored" and the search went on. Here the hook
+    sends SIGINT to the main thread again 50 ms later, which also wakes a blocking wait.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _on_interrupt)
+    previous = sys.unraisablehook
+    main_thread = threading.main_thread().ident
+
+    def hook(unraisable: Any) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:

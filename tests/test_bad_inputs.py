@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -305,7 +306,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(good, tmp_path):
 
 def test_ctrl_c_inside_a_gc_callback_is_delivered_after_it():
     """Python drops an exception raised in a gc callback ("Exception ignored"); distributed
-    runs such callbacks, and a Ctrl-C landing in one used to be lost."""
+    runs such callbacks, and a Ctrl-C landing in one used to be lost. It must also wake a
+    main thread that is blocked in a wait."""
     from dtm.cli import _reliable_interrupts
 
     landed_in_callback = []
@@ -318,10 +320,12 @@ def test_ctrl_c_inside_a_gc_callback_is_delivered_after_it():
                 pass
 
     gc.callbacks.append(callback)
+    start = time.monotonic()
     try:
         with _reliable_interrupts(), pytest.raises(KeyboardInterrupt):
             gc.collect()
-            time.sleep(5)  # the interrupt must arrive here, long before 5 s
+            threading.Event().wait(60)  # blocked: the interrupt must wake it
     finally:
         gc.callbacks.remove(callback)
     assert landed_in_callback
+    assert time.monotonic() - start < 30  # woken, not timed out
