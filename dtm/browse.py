@@ -12,6 +12,7 @@ last window sent to a browser), for scripts and tests.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from dataclasses import dataclass, field
@@ -310,10 +311,13 @@ def make_server(
             extra_patterns=[(r"/status", _StatusHandler, {"state": state})],
         )
     except OSError as error:
-        raise ConfigError(
-            f"--port {port}: cannot listen on {address}:{port} ({error.strerror}); "
-            "choose another port, or 0 for any free one"
-        ) from None
+        if error.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                f"--port {port}: cannot listen on {address}:{port} ({error.strerror}); "
+                "choose another port, or 0 for any free one"
+            ) from None
+        reason = error.strerror or str(error)
+        raise ConfigError(f"--address {address}: cannot listen there ({reason})") from None
 
 
 def browse(

@@ -38,6 +38,14 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = _at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {value}")
+    return value
+
+
 def _number(above: float | None = None) -> Callable[[str], float]:
     """An argparse type: a finite number, ``> above`` when given."""
 
@@ -211,9 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     browse = sub.add_parser("browse", help="pan and zoom the maps and peaks in a web browser")
     browse.add_argument("results_dir", help="output directory of dtm match (path or fsspec URL)")
-    browse.add_argument(
-        "--port", type=_at_least(0), default=5006, help="HTTP port (0 picks a free one)"
-    )
+    browse.add_argument("--port", type=_port, default=5006, help="HTTP port (0 picks a free one)")
     browse.add_argument(
         "--address", default="localhost", help="interface to listen on (default: localhost)"
     )

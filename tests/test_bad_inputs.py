@@ -259,6 +259,7 @@ def test_cluster_kind_from_the_command_line(good, tmp_path, capsys):
         (["match", "c.yaml", "--workers", "two"], "argument --workers: expected an integer"),
         (["peaks", "out", "--border", "-1"], "argument --border: must be >= 0, got -1"),
         (["browse", "out", "--port", "-5"], "argument --port: must be >= 0, got -5"),
+        (["browse", "out", "--port", "70000"], "argument --port: must be <= 65535, got 70000"),
         (["peaks", "out", "--z-cutoff", "nan"], "argument --z-cutoff: expected a finite number"),
         (["peaks", "out", "--false-positives", "0"], "argument --false-positives: must be > 0"),
         (["peaks", "out", "--min-distance", "x"], "argument --min-distance: expected a number"),

@@ -213,3 +213,7 @@ def test_a_port_in_use_is_a_one_line_error(results: Path, capsys: pytest.Capture
     error = capsys.readouterr().err.strip()
     assert error.startswith(f"dtm: error: --port {port}: cannot listen on localhost:{port} (")
     assert "\n" not in error
+    # An address that does not resolve is blamed, not the port.
+    assert main(["browse", str(results), "--port", "0", "--address", "nowhere.invalid"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("dtm: error: --address nowhere.invalid: cannot listen there (")

@@ -81,6 +81,9 @@ def test_report_shows_the_threshold_of_the_last_pick(tmp_path: Path) -> None:
     assert label == f"z* = {cutoff:.2f} (100 false positives per micrograph)" and label in page
     repick(run, z_score_cutoff=8.5)
     assert "z* = 8.50 (fixed)" in write_report(run).read_text()
+    (run / "peaks.json").write_text("[1, 2")  # damaged: a one-line error, not a traceback
+    with pytest.raises(InputError, match=r"peaks\.json: unreadable picking settings"):
+        write_report(run)
 
 
 def _images(page: str) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import pandas as pd
 import xarray as xr
 from fsspec.implementations.local import LocalFileSystem
 
+from dtm.errors import InputError
 from dtm.io.pyramid import open_pyramid
 from dtm.io.store import open_results, result_groups, store_url
 from dtm.io.tables import read_table
@@ -67,13 +68,24 @@ def output_directory(results: str | os.PathLike[str]) -> str:
 
 def read_picking(results: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The settings that picked the peak tables (``peaks.json``), or None for results
-    written before the file existed."""
+    written before the file existed.
+
+    Raises
+    ------
+    InputError
+        The file is not a JSON object.
+    """
     fs, root = fsspec.core.url_to_fs(output_directory(results))
     path = f"{root.rstrip('/')}/{PICKING_FILE}"
     if not fs.exists(path):
         return None
-    with fs.open(path, "r") as file:
-        settings: dict[str, Any] = json.load(file)
+    try:
+        with fs.open(path, "r") as file:
+            settings = json.load(file)
+    except ValueError as error:
+        raise InputError(f"{path}: unreadable picking settings ({error})") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: unreadable picking settings (not a JSON object)")
     return settings
 
 
