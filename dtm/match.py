@@ -108,7 +108,12 @@ def match_template(
         raise InputError("no micrograph could be read: see the lines above")
     sampling = sampling_for(config, template)
     for plan in valid:
-        plan.image_shape = sampling.image_shape(plan.image_shape, plan.optics.pixel_size)
+        cropped = sampling.image_shape(plan.image_shape, plan.optics.pixel_size)
+        plan.axis_pixel_size = (
+            plan.optics.pixel_size * plan.image_shape[0] / cropped[0],
+            plan.optics.pixel_size * plan.image_shape[1] / cropped[1],
+        )
+        plan.image_shape = cropped
         plan.optics = replace(plan.optics, pixel_size=sampling.pixel_size)
     fft_shape = fft_shape_for(valid[0].image_shape, sampling.box, config.correlation_mode)
     run_device = resolve_device(config, device, out)

@@ -196,7 +196,9 @@ def peaks_table(
     pandas.DataFrame
         One row per peak, strongest first, columns :data:`PEAK_COLUMNS`. ``pos_x/pos_y``: map
         pixel (template box top-left); ``pos_*_img = pos_* + box // 2``; ``*_angstrom`` =
-        ``*_img × pixel_size``; ``relative_defocus`` from the defocus map.
+        ``*_img`` × the micrograph's pixel size along that axis (``axis_pixel_size``, which
+        after Fourier cropping differs slightly from ``pixel_size``); ``relative_defocus``
+        from the defocus map.
     """
     missing = [name for name in _REQUIRED_ATTRS if name not in ds.attrs]
     missing += [name for name in [*_MAPS, "defocus"] if name not in ds.data_vars]
@@ -214,6 +216,9 @@ def peaks_table(
     attrs = ds.attrs
     box_h, box_w = (int(n) for n in attrs["template_shape"][-2:])
     pixel_size = float(attrs["pixel_size"])
+    # The micrograph's own pixel size per axis (a cropped one differs slightly from the
+    # template's); results written before it was recorded have the one pixel size.
+    axis_y_x = [float(a) for a in attrs.get("axis_pixel_size") or (pixel_size, pixel_size)]
     pos_y = region["y"].values[iy].astype(np.int64)
     pos_x = region["x"].values[ix].astype(np.int64)
     n = len(peaks)
@@ -225,8 +230,8 @@ def peaks_table(
         "pos_y": pos_y,
         "pos_x_img": pos_x + box_w // 2,
         "pos_y_img": pos_y + box_h // 2,
-        "pos_x_img_angstrom": (pos_x + box_w // 2) * pixel_size,
-        "pos_y_img_angstrom": (pos_y + box_h // 2) * pixel_size,
+        "pos_x_img_angstrom": (pos_x + box_w // 2) * axis_y_x[1],
+        "pos_y_img_angstrom": (pos_y + box_h // 2) * axis_y_x[0],
         "relative_defocus": picked["defocus"].values.astype(np.float64),
         **{name: np.full(n, float(attrs[name])) for name in _OPTICS},
         "micrograph_path": [str(attrs["micrograph_path"])] * n,

@@ -33,6 +33,9 @@ class MicrographPlan:
     entry: MicrographEntry
     optics: Optics
     image_shape: tuple[int, int] = (0, 0)
+    #: Å per pixel along y and x as searched: after Fourier cropping to an even size per
+    #: axis, within about 1/size of the template's pixel size, not equal to it.
+    axis_pixel_size: tuple[float, float] | None = None
     status: str = "pending"
     error: str | None = None
     seconds: float | None = None
@@ -142,6 +145,7 @@ def dataset_attrs(
         "template_path": str(config.template_volume_path),
         # With high_resolution_limit, maps and positions are at the cropped pixel size.
         "pixel_size": optics.pixel_size,
+        "axis_pixel_size": list(plan.axis_pixel_size or (optics.pixel_size,) * 2),
         "original_pixel_size": config.optics_group.pixel_size,
         "high_resolution_limit": config.high_resolution_limit,
         "template_shape": [sampling.box[0]] * 3,

@@ -193,6 +193,12 @@ def test_high_resolution_limit_searches_cropped_data(dataset, two_workers, tmp_p
     ds = ds.load()
     assert ds.attrs["pixel_size"] == pytest.approx(4.0)  # 8 Å limit: 4 Å pixels
     assert ds.attrs["original_pixel_size"] == pytest.approx(PIXEL_SIZE)
+    with mrcfile.open(dataset["micrograph_path"], permissive=True) as mrc:
+        original = mrc.data.shape
+    cropped = ds.attrs["image_shape"]
+    expected = [PIXEL_SIZE * n / m for n, m in zip(original, cropped, strict=True)]
+    assert ds.attrs["axis_pixel_size"] == pytest.approx(expected)
+    assert float(ds.x_angstrom[10]) == pytest.approx(10 * expected[1])
     assert ds.attrs["template_shape"] == [48, 48, 48]
     assert ds.mip.shape == (240 - 48 + 1,) * 2
     for p in dataset["particles"]:

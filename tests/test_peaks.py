@@ -259,6 +259,10 @@ def test_peaks_table_positions_values_and_optics():
     assert len(peaks_table(ds, z_score_cutoff=24.5, min_distance=1)) == 2
     in_angstrom = peaks_table(ds, min_distance_angstrom=5 * PIXEL_SIZE)
     pd.testing.assert_frame_equal(in_angstrom, table)
+    # A Fourier-cropped micrograph's own pixel size per axis gives the physical positions.
+    cropped = peaks_table(ds.assign_attrs(axis_pixel_size=[2.01, 1.99]), min_distance=5)
+    np.testing.assert_allclose(cropped["pos_y_img_angstrom"], (table["pos_y"] + 8) * 2.01)
+    np.testing.assert_allclose(cropped["pos_x_img_angstrom"], (table["pos_x"] + 8) * 1.99)
 
 
 def test_same_mode_excludes_padded_margin_and_counts_valid_positions():

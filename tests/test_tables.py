@@ -101,12 +101,18 @@ def test_star_uses_relion_labels_and_conventions(tmp_path):
 
 def test_star_coordinates_of_a_cropped_search_are_in_micrograph_pixels():
     # high_resolution_limit 10 Å on a 2.5 Å micrograph: maps and pos_* at 5 Å per pixel.
+    # The cropped micrograph's own pixel: 5.04 Å along y, 4.98 Å along x (even sizes).
     table = make_table({"m1": 2}).assign(
-        pos_x_img=[25, 40], pos_y_img=[85, 7], pixel_size=5.0, micrograph_pixel_size=2.5
+        pos_x_img=[25, 40],
+        pos_y_img=[85, 7],
+        pos_x_img_angstrom=[25 * 4.98, 40 * 4.98],
+        pos_y_img_angstrom=[85 * 5.04, 7 * 5.04],
+        pixel_size=5.0,
+        micrograph_pixel_size=2.5,
     )
     particles = to_star(table)
-    assert particles["rlnCoordinateX"].tolist() == [50, 80]
-    assert particles["rlnCoordinateY"].tolist() == [170, 14]
+    assert particles["rlnCoordinateX"].tolist() == [50, 80]  # 49.8, 79.7 rounded
+    assert particles["rlnCoordinateY"].tolist() == [171, 14]  # 171.4, 14.1
     assert particles["rlnMicrographPixelSize"].tolist() == [2.5, 2.5]
     older = table.drop(columns=["micrograph_pixel_size"])  # written before the column
     assert to_star(older)["rlnCoordinateX"].tolist() == [25, 40]

@@ -69,18 +69,20 @@ def build_dataset(
     pixel_size : float
         Å per pixel.
     attrs : dict
-        JSON-serialisable attributes (see docs/architecture.md).
+        JSON-serialisable attributes (see docs/architecture.md); an ``axis_pixel_size``
+        ``[y, x]`` there (a Fourier-cropped micrograph's own) sets the Å coordinates.
     """
     hm, wm = next(iter(maps.values())).shape
     y = np.arange(hm, dtype=np.int64)
     x = np.arange(wm, dtype=np.int64)
+    along_y, along_x = attrs.get("axis_pixel_size") or (pixel_size, pixel_size)
     return xr.Dataset(
         {name: (("y", "x"), data) for name, data in maps.items()},
         coords={
             "y": y,
             "x": x,
-            "y_angstrom": ("y", y * pixel_size),
-            "x_angstrom": ("x", x * pixel_size),
+            "y_angstrom": ("y", y * float(along_y)),
+            "x_angstrom": ("x", x * float(along_x)),
         },
         attrs=attrs,
     )

@@ -10,8 +10,9 @@ of a search with ``high_resolution_limit``); :data:`PEAK_DTYPES` gives their typ
 STAR export (:func:`to_star`) follows RELION's conventions:
 
 - ``rlnCoordinateX/Y`` are the particle centre in pixels of the micrograph file
-  (``pos_x_img``, ``pos_y_img``, rescaled to ``micrograph_pixel_size`` and rounded when the
-  search was Fourier-cropped), and ``rlnMicrographPixelSize`` is that file's pixel size.
+  (``pos_x_img``, ``pos_y_img``; after Fourier cropping ``pos_*_img_angstrom /
+  micrograph_pixel_size``, rounded), and ``rlnMicrographPixelSize`` is that file's pixel
+  size.
   RELION extracts a box of size n around ``round(coordinate)`` with its
   centre at index ``n // 2`` of 0-based image arrays, the same convention as dtm's.
 - ``rlnAngleRot, rlnAngleTilt, rlnAnglePsi`` = dtm's ``phi, theta, psi`` without change.
@@ -174,23 +175,26 @@ def to_star(df: pd.DataFrame) -> pd.DataFrame:
         One row per particle, ``rln*`` columns.
     """
     needed = [*_STAR_COPIED, "pos_x_img", "pos_y_img", "defocus_u", "defocus_v", "pixel_size"]
+    needed += ["pos_x_img_angstrom", "pos_y_img_angstrom"]
     missing = [name for name in needed if name not in df]
     if missing:
         raise InputError(f"STAR export: the table lacks column(s) {', '.join(missing)}")
     column = {name: df[name].to_numpy() for name in df.columns}
     # Tables written before the column existed hold positions at the micrograph's sampling.
     file_pixel = column.get("micrograph_pixel_size", column["pixel_size"])
-    scale = column["pixel_size"] / file_pixel
+    searched_there = column["pixel_size"] == file_pixel
 
-    def in_file_pixels(centre: np.ndarray) -> np.ndarray:
-        return np.where(scale == 1.0, centre, np.rint(centre * scale)).astype(np.int64)
+    def in_file_pixels(axis: str) -> np.ndarray:
+        # After cropping, from the physical position: exact whatever the cropped sizes.
+        physical = np.rint(column[f"pos_{axis}_img_angstrom"] / file_pixel)
+        return np.where(searched_there, column[f"pos_{axis}_img"], physical).astype(np.int64)
 
     relative = column.get("relative_defocus", 0.0)
     copied = {label: column[name] for name, label in _STAR_COPIED.items()}
     star = {
         "rlnMicrographName": copied.pop("rlnMicrographName"),
-        "rlnCoordinateX": in_file_pixels(column["pos_x_img"]),
-        "rlnCoordinateY": in_file_pixels(column["pos_y_img"]),
+        "rlnCoordinateX": in_file_pixels("x"),
+        "rlnCoordinateY": in_file_pixels("y"),
         **copied,
         "rlnDefocusU": column["defocus_u"] + relative,
         "rlnDefocusV": column["defocus_v"] + relative,
