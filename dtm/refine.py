@@ -101,9 +101,10 @@ def _check_table(table: pd.DataFrame, path: Path, template_pixel_size: float) ->
         empty = files.str.len() == 0
         if empty.any():
             raise InputError(f"{path}: column {column} is empty in row {int(np.argmax(empty))}")
-        for name in files.unique():
-            if not Path(name).is_file():
-                raise InputError(f"{path}: {column} {name}: file not found")
+    # (Missing .mrc statistics maps are read from the results.zarr beside them instead.)
+    for name in table["micrograph_path"].astype(str).unique():
+        if not Path(name).is_file():
+            raise InputError(f"{path}: micrograph_path {name}: file not found")
     for name in start_columns(table).values():
         if table[name].isna().any():
             raise InputError(f"{path}: column {name} has missing values")

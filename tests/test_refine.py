@@ -317,6 +317,21 @@ def test_bad_inputs_raise_one_line_errors(coarse: dict[str, Any], tmp_path: Path
         refine_template(_refine_config(coarse, "partial", df_path=tmp_path / "partial.csv"))
 
 
+def test_statistics_maps_come_from_the_store_when_their_mrc_files_are_gone(
+    coarse: dict[str, Any], refined: pd.DataFrame, client: Client, tmp_path: Path
+) -> None:
+    shutil.copytree(coarse["dir"] / "match", tmp_path / "match")
+    shutil.rmtree(tmp_path / "match" / "maps")
+    table = coarse["table"].copy()
+    for column in ("correlation_average_path", "correlation_variance_path"):
+        table[column] = table[column].str.replace(str(coarse["dir"]), str(tmp_path))
+    table.to_csv(tmp_path / "no-maps.csv", index=False)
+    config = _refine_config(coarse, "from-store", df_path=tmp_path / "no-maps.csv")
+    from_store = refine_template(config, client=client)
+    for name in ("refined_scaled_mip", "refined_pos_x", "refined_pos_y", "refined_psi"):
+        np.testing.assert_array_equal(from_store[name], refined[name], err_msg=name)
+
+
 def test_output_path_is_checked_before_refining(
     coarse: dict[str, Any], refined: pd.DataFrame, tmp_path: Path
 ) -> None:
