@@ -115,12 +115,15 @@ def _demo(args: argparse.Namespace) -> None:
 def _peaks(args: argparse.Namespace) -> None:
     from dtm.peaks import repick, threshold_summary
 
-    cut = {"false_positives": args.false_positives, "z_score_cutoff": args.z_cutoff}
-    table = repick(args.results_dir, **cut, min_distance=args.min_distance, border=args.border)
-    print(
-        f"{len(table)} peaks above {threshold_summary(args.results_dir, **cut)} written to "
-        f"{args.results_dir}/peaks.csv"
+    table = repick(
+        args.results_dir,
+        false_positives=args.false_positives,
+        z_score_cutoff=args.z_cutoff,
+        min_distance=args.min_distance,
+        border=args.border,
     )
+    summary = threshold_summary(args.results_dir)
+    print(f"{len(table)} peaks above {summary} written to {args.results_dir}/peaks.csv")
 
 
 def _report(args: argparse.Namespace) -> None:

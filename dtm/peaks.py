@@ -8,19 +8,27 @@ group on a worker. :func:`repick` writes the tables of an output directory.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import dask
 import dask.dataframe as dd
+import fsspec
 import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
 
 from dtm.errors import ConfigError, InputError
-from dtm.io.store import open_results, result_groups, store_url, write_json
+from dtm.io.store import (
+    open_results,
+    output_directory,
+    result_groups,
+    store_url,
+    write_json,
+)
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
 from dtm.picking import default_min_distance, pick_peaks, threshold
 
@@ -33,6 +41,7 @@ __all__ = [
     "peaks_dataframe",
     "peaks_table",
     "pick_peaks",
+    "read_picking",
     "repick",
     "search_region",
     "map_thresholds",
@@ -150,18 +159,41 @@ def map_thresholds(
     }
 
 
-def threshold_summary(
-    results: str | os.PathLike[str],
-    *,
-    false_positives: float | None = None,
-    z_score_cutoff: float | None = None,
-) -> str:
-    """:func:`threshold_label` of :func:`map_thresholds`."""
-    cutoffs = map_thresholds(
-        results, false_positives=false_positives, z_score_cutoff=z_score_cutoff
-    )
-    fp = None if z_score_cutoff is not None else (false_positives or 1.0)
-    return threshold_label(list(cutoffs.values()), fp)
+def read_picking(results: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What :func:`repick` wrote to :data:`PICKING_FILE`: the options and each micrograph's
+    z*; None for results written before the file existed.
+
+    Raises
+    ------
+    InputError
+        The file is not a JSON object.
+    """
+    fs, root = fsspec.core.url_to_fs(output_directory(results))
+    path = f"{root.rstrip('/')}/{PICKING_FILE}"
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as file:
+            settings = json.load(file)
+    except ValueError as error:
+        raise InputError(f"{path}: unreadable picking settings ({error})") from None
+    if not isinstance(settings, dict):
+        raise InputError(f"{path}: unreadable picking settings (not a JSON object)")
+    return settings
+
+
+def threshold_summary(results: str | os.PathLike[str]) -> str:
+    """:func:`threshold_label` of the z* that the last pick of ``results`` applied.
+
+    Raises
+    ------
+    InputError
+        No peaks were picked there yet (or before :data:`PICKING_FILE` existed).
+    """
+    picking = read_picking(results)
+    if picking is None:
+        raise InputError(f"{results}: no {PICKING_FILE} (pick the peaks with dtm peaks)")
+    return threshold_label(list(picking["z_thresholds"].values()), picking["false_positives"])
 
 
 def peaks_table(

@@ -39,9 +39,8 @@ from dtm.io.results import (  # noqa: E402
     open_micrographs,
     output_directory,
     read_peaks,
-    read_picking,
 )
-from dtm.peaks import map_threshold, search_region, threshold_label  # noqa: E402
+from dtm.peaks import map_threshold, read_picking, search_region, threshold_label  # noqa: E402
 
 #: Columns of the peak table shown in the report.
 TABLE_COLUMNS = [
@@ -105,7 +104,7 @@ def report_threshold(
     dataset: xr.Dataset, picking: dict[str, Any] | None = None
 ) -> tuple[float, str]:
     """The z-score threshold of a micrograph's peaks and how it was set: from ``picking``
-    (the settings of the last pick, :func:`dtm.io.results.read_picking`), else from the
+    (the settings of the last pick, :func:`dtm.peaks.read_picking`), else from the
     run's configuration."""
     peaks = picking or json.loads(dataset.attrs.get("config") or "{}").get("peaks") or {}
     fixed = peaks.get("z_score_cutoff")

@@ -21,6 +21,7 @@ from dtm.peaks import (
     map_threshold,
     peaks_dataframe,
     peaks_table,
+    read_picking,
     repick,
     threshold_summary,
 )
@@ -370,16 +371,22 @@ def test_threshold_summary_names_the_cutoffs_repick_applies(tmp_path):
     z_large = threshold((196 - TEMPLATE + 1) * (180 - TEMPLATE + 1), 1000, 2.0)
     assert z_small < z_large
     assert map_threshold(small, false_positives=2.0) == z_small
-    assert threshold_summary(tmp_path, false_positives=2.0) == (
+    repick(tmp_path, false_positives=2.0)
+    picking = read_picking(tmp_path)
+    assert picking is not None and picking["z_thresholds"] == {"a": z_small, "b": z_large}
+    assert threshold_summary(tmp_path) == (
         f"z* = {z_small:.2f}–{z_large:.2f} (2 false positives per micrograph)"
     )
     one = threshold((96 - TEMPLATE + 1) * (80 - TEMPLATE + 1), 1000)
-    write_store(tmp_path / "one.zarr", [small])
-    assert (
-        threshold_summary(tmp_path / "one.zarr")
-        == f"z* = {one:.2f} (1 false positive per micrograph)"
+    write_store(tmp_path / "one" / "results.zarr", [small])
+    repick(tmp_path / "one")
+    assert threshold_summary(tmp_path / "one") == (
+        f"z* = {one:.2f} (1 false positive per micrograph)"
     )
-    assert threshold_summary(tmp_path, z_score_cutoff=7.5) == "z* = 7.50 (fixed)"
+    repick(tmp_path, z_score_cutoff=7.5)
+    assert threshold_summary(tmp_path) == "z* = 7.50 (fixed)"
+    with pytest.raises(InputError, match="no peaks.json"):
+        threshold_summary(tmp_path / "results.zarr" / "a")
 
 
 def test_repick_rejects_bad_input(tmp_path):

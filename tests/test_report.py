@@ -17,9 +17,9 @@ import scipy.stats
 from synthetic_results import write_results
 
 from dtm.errors import InputError
-from dtm.io.results import open_micrographs, read_picking
+from dtm.io.results import open_micrographs
 from dtm.io.tables import read_table
-from dtm.peaks import repick
+from dtm.peaks import read_picking, repick
 from dtm.picking import threshold
 from dtm.report import expected_survival, report_threshold, survival_curves, write_report
 

@@ -6,23 +6,20 @@ The directory may be local or remote: any fsspec URL (``s3://bucket/run``, ``fil
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import fsspec
 import pandas as pd
 import xarray as xr
 from fsspec.implementations.local import LocalFileSystem
 
-from dtm.errors import InputError
 from dtm.io.pyramid import open_pyramid
-from dtm.io.store import open_results, result_groups, store_url
+from dtm.io.store import open_results, output_directory, result_groups, store_url
 from dtm.io.tables import read_table
-from dtm.peaks import PICKING_FILE, peaks_dataframe
+from dtm.peaks import peaks_dataframe
 
 #: Peak tables looked for in the output directory, in this order.
 PEAK_TABLES = ("peaks.csv", "peaks.parquet")
@@ -58,35 +55,6 @@ def open_micrographs(results: str | os.PathLike[str]) -> list[MicrographResults]
         MicrographResults(str(group), group, datasets[str(group)], open_pyramid(store, group))
         for group in groups
     ]
-
-
-def output_directory(results: str | os.PathLike[str]) -> str:
-    """The output directory of a results store or of an output directory itself."""
-    store = store_url(results)
-    return store.rsplit("/", 1)[0] if "/" in store else "."
-
-
-def read_picking(results: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The settings that picked the peak tables (``peaks.json``), or None for results
-    written before the file existed.
-
-    Raises
-    ------
-    InputError
-        The file is not a JSON object.
-    """
-    fs, root = fsspec.core.url_to_fs(output_directory(results))
-    path = f"{root.rstrip('/')}/{PICKING_FILE}"
-    if not fs.exists(path):
-        return None
-    try:
-        with fs.open(path, "r") as file:
-            settings = json.load(file)
-    except ValueError as error:
-        raise InputError(f"{path}: unreadable picking settings ({error})") from None
-    if not isinstance(settings, dict):
-        raise InputError(f"{path}: unreadable picking settings (not a JSON object)")
-    return settings
 
 
 def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:

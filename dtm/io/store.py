@@ -161,6 +161,12 @@ def store_url(results: str | os.PathLike[str]) -> str:
     return store if store.endswith(".zarr") else f"{store}/results.zarr"
 
 
+def output_directory(results: str | os.PathLike[str]) -> str:
+    """The output directory of a results store or of an output directory itself."""
+    store = store_url(results)
+    return store.rsplit("/", 1)[0] if "/" in store else "."
+
+
 def open_results(path: str | os.PathLike[str]) -> dict[str, xr.Dataset]:
     """Open a results store lazily: ``{micrograph_name: Dataset}``.
 
