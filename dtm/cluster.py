@@ -103,7 +103,9 @@ def worker_threads(client: distributed.Client) -> int:
     return sum(client.nthreads().values())
 
 
-def ensure_workers(client: distributed.Client, n: int = 1, timeout: float | None = 60) -> None:
+def ensure_workers(
+    client: distributed.Client, n: int = 1, timeout: float | None = WORKER_TIMEOUT_S
+) -> None:
     """Wait until at least ``n`` workers are connected (jobs queued, pods starting …);
     ``timeout`` None waits as long as it takes.
 

@@ -23,6 +23,7 @@ import zarr
 
 from dtm.errors import ConfigError, InputError
 from dtm.io.store import (
+    axis_pixel_size,
     open_results,
     output_directory,
     result_groups,
@@ -248,9 +249,7 @@ def peaks_table(
     attrs = ds.attrs
     box_h, box_w = (int(n) for n in attrs["template_shape"][-2:])
     pixel_size = float(attrs["pixel_size"])
-    # The micrograph's own pixel size per axis (a cropped one differs slightly from the
-    # template's); results written before it was recorded have the one pixel size.
-    axis_y_x = [float(a) for a in attrs.get("axis_pixel_size") or (pixel_size, pixel_size)]
+    along_y, along_x = axis_pixel_size(attrs, pixel_size)
     pos_y = region["y"].values[iy].astype(np.int64)
     pos_x = region["x"].values[ix].astype(np.int64)
     n = len(peaks)
@@ -262,8 +261,8 @@ def peaks_table(
         "pos_y": pos_y,
         "pos_x_img": pos_x + box_w // 2,
         "pos_y_img": pos_y + box_h // 2,
-        "pos_x_img_angstrom": (pos_x + box_w // 2) * axis_y_x[1],
-        "pos_y_img_angstrom": (pos_y + box_h // 2) * axis_y_x[0],
+        "pos_x_img_angstrom": (pos_x + box_w // 2) * along_x,
+        "pos_y_img_angstrom": (pos_y + box_h // 2) * along_y,
         "relative_defocus": picked["defocus"].values.astype(np.float64),
         **{name: np.full(n, float(attrs[name])) for name in _OPTICS},
         "micrograph_path": [str(attrs["micrograph_path"])] * n,

@@ -57,6 +57,13 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     write_atomic(path, dump)
 
 
+def axis_pixel_size(attrs: dict[str, Any], pixel_size: float) -> tuple[float, float]:
+    """Å per pixel along y and x of the micrograph as searched: ``attrs["axis_pixel_size"]``
+    (a Fourier-cropped micrograph's own), else ``pixel_size`` (results written before it)."""
+    along_y, along_x = attrs.get("axis_pixel_size") or (pixel_size, pixel_size)
+    return float(along_y), float(along_x)
+
+
 def build_dataset(
     maps: dict[str, np.ndarray], *, pixel_size: float, attrs: dict[str, Any]
 ) -> xr.Dataset:
@@ -75,14 +82,14 @@ def build_dataset(
     hm, wm = next(iter(maps.values())).shape
     y = np.arange(hm, dtype=np.int64)
     x = np.arange(wm, dtype=np.int64)
-    along_y, along_x = attrs.get("axis_pixel_size") or (pixel_size, pixel_size)
+    along_y, along_x = axis_pixel_size(attrs, pixel_size)
     return xr.Dataset(
         {name: (("y", "x"), data) for name, data in maps.items()},
         coords={
             "y": y,
             "x": x,
-            "y_angstrom": ("y", y * float(along_y)),
-            "x_angstrom": ("x", x * float(along_x)),
+            "y_angstrom": ("y", y * along_y),
+            "x_angstrom": ("x", x * along_x),
         },
         attrs=attrs,
     )
