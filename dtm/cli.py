@@ -113,15 +113,20 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _peaks(args: argparse.Namespace) -> None:
+    from dtm.config.base import validate_options
+    from dtm.config.match import PeaksConfig
     from dtm.peaks import repick, threshold_summary
 
-    table = repick(
-        args.results_dir,
-        false_positives=args.false_positives,
-        z_score_cutoff=args.z_cutoff,
-        min_distance=args.min_distance,
-        border=args.border,
-    )
+    given = {
+        "metric": args.metric,
+        "false_positives": args.false_positives,
+        "z_score_cutoff": args.z_cutoff,
+        "p_value_cutoff": args.p_value_cutoff,
+        "min_distance_pixels": args.min_distance,
+        "border_pixels": args.border,
+    }
+    picking = validate_options(PeaksConfig, {k: v for k, v in given.items() if v is not None})
+    table = repick(args.results_dir, picking)
     summary = threshold_summary(args.results_dir)
     print(f"{len(table)} peaks above {summary} written to {args.results_dir}/peaks.csv")
 
@@ -197,7 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="expected false positives per micrograph (default 1)",
     )
-    cut.add_argument("--z-cutoff", type=_number(), metavar="Z", help="fixed scaled-MIP cut-off")
+    cut.add_argument("--z-cutoff", type=_number(), metavar="Z", help="fixed cut-off of a z metric")
+    cut.add_argument(
+        "--p-value-cutoff",
+        type=_number(above=0),
+        metavar="L",
+        help="cut-off of the pvalue metric, as -ln p (default 8)",
+    )
+    peaks.add_argument(
+        "--metric",
+        choices=["detection_z", "scaled_mip", "mip", "pvalue", "gev"],
+        help="what to threshold (default detection_z; see docs/conventions.md#detection)",
+    )
     peaks.add_argument(
         "--min-distance",
         type=_number(above=0),

@@ -366,14 +366,6 @@ def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:
     """Pick peaks in every micrograph's maps and write one table over all of them."""
     from dtm.peaks import repick, threshold_summary
 
-    peaks = config.peaks
     # Distances in Å are converted with each dataset's own pixel size (cropped or not).
-    table = repick(
-        output_dir,
-        false_positives=None if peaks.z_score_cutoff is not None else peaks.false_positives,
-        z_score_cutoff=peaks.z_score_cutoff,
-        min_distance=peaks.min_distance_pixels,
-        min_distance_angstrom=peaks.min_distance_angstrom,
-        border=peaks.border_pixels,
-    )
+    table = repick(output_dir, config.peaks)
     print(f"peaks: {len(table)} above {threshold_summary(output_dir)}", file=out)

@@ -8,6 +8,7 @@ group on a worker. :func:`repick` writes the tables of an output directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,11 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from dtm.errors import ConfigError, InputError
+from dtm.config.match import PeaksConfig
+from dtm.detection import metric_map
+from dtm.errors import DtmError, InputError
+from dtm.footprint import template_radius
+from dtm.io.mrc import read_template
 from dtm.io.store import (
     axis_pixel_size,
     open_results,
@@ -32,6 +37,7 @@ from dtm.io.store import (
 )
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
 from dtm.picking import default_min_distance, pick_peaks, threshold
+from dtm.side_maxima import explained_peaks, search_model
 
 #: Re-exported: ``PEAK_COLUMNS`` (the columns of a peak table) and the picking functions.
 __all__ = [
@@ -39,9 +45,11 @@ __all__ = [
     "PICKING_FILE",
     "default_min_distance",
     "map_threshold",
+    "min_distance_pixels",
     "peaks_dataframe",
     "peaks_table",
     "pick_peaks",
+    "picking_of",
     "read_picking",
     "repick",
     "search_region",
@@ -106,58 +114,102 @@ def search_region(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
-def _min_distance_pixels(
-    ds: xr.Dataset, min_distance: float | None, min_distance_angstrom: float | None
-) -> float:
-    if min_distance is not None and min_distance_angstrom is not None:
-        raise ConfigError("min_distance: give it in pixels or in Å, not both")
-    if min_distance_angstrom is not None:
-        return float(min_distance_angstrom) / float(_attr(ds, "pixel_size"))
-    if min_distance is not None:
-        return float(min_distance)
-    return default_min_distance(int(_attr(ds, "template_shape")[-1]))
+@functools.lru_cache(maxsize=8)
+def _radius_of(path: str) -> float | None:
+    """:func:`dtm.footprint.template_radius` of a template file, its pixels; None if it
+    cannot be read."""
+    try:
+        template = read_template(path, pixel_size=1.0)
+    except DtmError:
+        return None
+    return template_radius(template.data)
 
 
-def map_threshold(
-    ds: xr.Dataset, *, false_positives: float = 1.0, z_score_cutoff: float | None = None
-) -> float:
-    """The z-score cut-off ``z*`` of one micrograph's results (conventions.md#threshold).
+def _template_pixel_size(ds: xr.Dataset) -> float:
+    """Å per pixel of the template file (the maps' own unless they were Fourier-cropped)."""
+    return float(ds.attrs.get("original_pixel_size", _attr(ds, "pixel_size")))
 
-    ``z_score_cutoff`` when given, else :func:`threshold` for ``false_positives`` over the
-    positions of the search region and the dataset's ``total_correlations``. Reads only
-    metadata.
+
+def _template_scale(ds: xr.Dataset) -> float:
+    """Template-file pixels per map pixel (above 1 after ``high_resolution_limit``)."""
+    return float(_attr(ds, "pixel_size")) / _template_pixel_size(ds)
+
+
+def min_distance_pixels(ds: xr.Dataset, picking: PeaksConfig) -> float:
+    """Suppression radius of one micrograph's peaks, pixels of its maps.
+
+    ``min_distance_pixels`` or ``min_distance_angstrom`` when given; else the radius of the
+    template's density (:func:`dtm.footprint.template_radius`, at the maps' pixel size);
+    else, when the template file cannot be read, :func:`default_min_distance` of its box.
     """
-    if z_score_cutoff is not None:
-        return float(z_score_cutoff)
+    if picking.min_distance_angstrom is not None:
+        return float(picking.min_distance_angstrom) / float(_attr(ds, "pixel_size"))
+    if picking.min_distance_pixels is not None:
+        return float(picking.min_distance_pixels)
+    radius = _radius_of(str(_attr(ds, "template_path")))
+    if radius is None:
+        return default_min_distance(int(_attr(ds, "template_shape")[-1]))
+    return radius / _template_scale(ds)
+
+
+def _distinct(
+    ds: xr.Dataset, picked: xr.Dataset, strength: np.ndarray, cutoff: float
+) -> np.ndarray:
+    """:func:`dtm.side_maxima.explained_peaks` of the picks (all kept when the micrograph
+    or the template file cannot be read)."""
+    model = search_model(ds.attrs)
+    if model is None:
+        return np.ones(picked.sizes["peak"], dtype=bool)
+    positions = np.stack([picked["y"].values, picked["x"].values], axis=1)
+    euler = np.stack([picked[name].values for name in ("phi", "theta", "psi")], axis=1)
+    defocus = picked["defocus"].values.astype(np.float64)
+    return explained_peaks(model, strength, positions, euler, defocus, cutoff)
+
+
+def map_threshold(ds: xr.Dataset, picking: PeaksConfig | None = None) -> float:
+    """The cut-off of one micrograph's picking metric (conventions.md#threshold).
+
+    ``detection_z``, ``scaled_mip``, ``mip``: ``z_score_cutoff`` when given, else
+    :func:`threshold` for ``false_positives`` over the positions of the search region and
+    the dataset's ``total_correlations`` (metadata only). ``pvalue``: ``p_value_cutoff``.
+    ``gev``: :func:`dtm.metrics.gev_cutoff` of the search region's scaled MIP.
+    """
+    picking = picking or PeaksConfig()
+    if picking.metric == "pvalue":
+        return float(picking.p_value_cutoff)
     region = search_region(ds)
+    if picking.metric == "gev":
+        from dtm.metrics import gev_cutoff
+
+        values = np.asarray(region["scaled_mip"].values, dtype=np.float64)
+        return gev_cutoff(values, false_positives=picking.false_positives)
+    if picking.z_score_cutoff is not None:
+        return float(picking.z_score_cutoff)
     n_positions = region.sizes["y"] * region.sizes["x"]
-    return threshold(n_positions, int(_attr(ds, "total_correlations")), false_positives)
+    return threshold(n_positions, int(_attr(ds, "total_correlations")), picking.false_positives)
 
 
-def threshold_label(cutoffs: list[float], false_positives: float | None) -> str:
-    """``z* = 7.41 (1 false positive per micrograph)`` for a person; a range when the
-    micrographs' cut-offs differ; ``(fixed)`` when ``false_positives`` is None."""
+def threshold_label(cutoffs: list[float], picking: PeaksConfig | None = None) -> str:
+    """``z* = 7.41 (1 false positive per micrograph)`` for a person: the metric's cut-off
+    (named unless it is the default ``detection_z``), a range when the micrographs' cut-offs
+    differ, ``(fixed)`` when it was given rather than derived."""
+    picking = picking or PeaksConfig()
     low, high = f"{min(cutoffs):.2f}", f"{max(cutoffs):.2f}"
     span = low if low == high else f"{low}–{high}"
-    if false_positives is None:
-        return f"z* = {span} (fixed)"
-    plural = "s" * (false_positives != 1)
-    return f"z* = {span} ({false_positives:g} false positive{plural} per micrograph)"
+    symbol = "-ln p*" if picking.metric == "pvalue" else "z*"
+    if picking.metric != PeaksConfig().metric:
+        symbol += f" of {picking.metric}"
+    if picking.metric == "pvalue" or picking.z_score_cutoff is not None:
+        return f"{symbol} = {span} (fixed)"
+    fp = picking.false_positives
+    return f"{symbol} = {span} ({fp:g} false positive{'s' * (fp != 1)} per micrograph)"
 
 
 def map_thresholds(
-    results: str | os.PathLike[str],
-    *,
-    false_positives: float | None = None,
-    z_score_cutoff: float | None = None,
+    results: str | os.PathLike[str], picking: PeaksConfig | None = None
 ) -> dict[str, float]:
-    """``{micrograph_name: z*}`` of a results store, as :func:`repick` applies them (same
-    defaults). Reads only metadata."""
-    fp = 1.0 if false_positives is None else float(false_positives)
-    return {
-        name: map_threshold(ds, false_positives=fp, z_score_cutoff=z_score_cutoff)
-        for name, ds in open_results(results).items()
-    }
+    """``{micrograph_name: cut-off}`` of a results store, as :func:`repick` applies them."""
+    return {name: map_threshold(ds, picking) for name, ds in open_results(results).items()}
 
 
 def read_picking(results: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -183,28 +235,46 @@ def read_picking(results: str | os.PathLike[str]) -> dict[str, Any] | None:
     return settings
 
 
+def picking_of(settings: dict[str, Any]) -> tuple[PeaksConfig, dict[str, float]]:
+    """The options and the cut-offs per micrograph of a :data:`PICKING_FILE`'s contents
+    (:func:`read_picking`); files written before metrics existed picked the scaled MIP."""
+    if "options" in settings:
+        return PeaksConfig.model_validate(settings["options"]), dict(settings["thresholds"])
+    fixed = settings.get("z_score_cutoff")
+    old = PeaksConfig(
+        metric="scaled_mip",
+        false_positives=settings.get("false_positives") or 1.0,
+        z_score_cutoff=fixed,
+    )
+    return old, dict(settings.get("z_thresholds") or {})
+
+
 def threshold_summary(results: str | os.PathLike[str]) -> str:
-    """:func:`threshold_label` of the z* that the last pick of ``results`` applied.
+    """:func:`threshold_label` of the cut-offs that the last pick of ``results`` applied.
 
     Raises
     ------
     InputError
         No peaks were picked there yet (or before :data:`PICKING_FILE` existed).
     """
-    picking = read_picking(results)
-    if picking is None:
+    settings = read_picking(results)
+    if settings is None:
         raise InputError(f"{results}: no {PICKING_FILE} (pick the peaks with dtm peaks)")
-    return threshold_label(list(picking["z_thresholds"].values()), picking["false_positives"])
+    picking, cutoffs = picking_of(settings)
+    return threshold_label(list(cutoffs.values()), picking)
+
+
+#: The default z picking, whose threshold the ``detection_z`` column uses with other metrics.
+_Z_ONLY = PeaksConfig()
+
+
+def _region_maps(region: xr.Dataset) -> dict[str, np.ndarray]:
+    names = ("mip", "scaled_mip", "correlation_mean", "correlation_variance")
+    return {name: np.asarray(region[name].values) for name in names}
 
 
 def peaks_table(
-    ds: xr.Dataset,
-    *,
-    false_positives: float = 1.0,
-    z_score_cutoff: float | None = None,
-    min_distance: float | None = None,
-    min_distance_angstrom: float | None = None,
-    border: int = 0,
+    ds: xr.Dataset, picking: PeaksConfig | None = None, *, cutoff: float | None = None
 ) -> pd.DataFrame:
     """The peaks of one micrograph's results as a table with the seed's columns.
 
@@ -212,47 +282,63 @@ def peaks_table(
     ----------
     ds
         Results dataset of one micrograph (docs/architecture.md, "Results dataset"); its
-        maps may be lazy, only the scaled MIP is loaded whole.
-    false_positives
-        Expected false positives per micrograph, sets the cut-off (conventions.md#threshold).
-    z_score_cutoff
-        Fixed cut-off; overrides ``false_positives``.
-    min_distance, min_distance_angstrom
-        Suppression radius in pixels or in Å (at most one); default
-        :func:`default_min_distance` of the template's box.
-    border
-        Exclude positions whose template box comes closer than this many pixels to the
-        micrograph's edge.
+        maps may be lazy: the four statistics maps are loaded whole.
+    picking
+        Metric, threshold, minimum distance and border (default :class:`PeaksConfig`: the
+        detection statistic, one false positive per micrograph, the template's radius).
+    cutoff
+        The metric's cut-off when already known (:func:`map_threshold`, which a ``gev``
+        metric spends a fit on); default: computed here.
 
     Returns
     -------
     pandas.DataFrame
-        One row per peak, strongest first, columns :data:`PEAK_COLUMNS`. ``pos_x/pos_y``: map
-        pixel (template box top-left); ``pos_*_img = pos_* + box // 2``; ``*_angstrom`` =
-        ``*_img`` × the micrograph's pixel size along that axis (``axis_pixel_size``, which
-        after Fourier cropping differs slightly from ``pixel_size``); ``relative_defocus``
-        from the defocus map.
+        One row per peak, strongest first by the metric, columns :data:`PEAK_COLUMNS`.
+        ``pos_x/pos_y``: map pixel (template box top-left); ``pos_*_img = pos_* + box // 2``;
+        ``*_angstrom`` = ``*_img`` × the micrograph's pixel size along that axis
+        (``axis_pixel_size``, which after Fourier cropping differs slightly from
+        ``pixel_size``); ``relative_defocus`` from the defocus map; ``detection_z`` the
+        detection statistic at the peak whatever the metric.
     """
+    picking = picking or PeaksConfig()
     missing = [name for name in _REQUIRED_ATTRS if name not in ds.attrs]
     missing += [name for name in [*_MAPS, "defocus"] if name not in ds.data_vars]
     if missing:
         label = ds.attrs.get("micrograph_name", "results dataset")
         raise InputError(f"{label}: results lack {', '.join(missing)}")
     region = search_region(ds)
-    cutoff = map_threshold(ds, false_positives=false_positives, z_score_cutoff=z_score_cutoff)
-    distance = _min_distance_pixels(ds, min_distance, min_distance_angstrom)
-    peaks = pick_peaks(region["scaled_mip"].values, cutoff, min_distance=distance, border=border)
+    if cutoff is None:
+        cutoff = map_threshold(ds, picking)
+    box_h, box_w = (int(n) for n in _attr(ds, "template_shape")[-2:])
+    box = (box_h, box_w)
+    maps = _region_maps(region)
+    values = metric_map(maps, picking.metric, box, cutoff)
+    # The detection statistic's own cut-off, for its column when another metric picks.
+    z_cutoff = cutoff if picking.metric == "detection_z" else map_threshold(ds, _Z_ONLY)
+    z = (
+        values
+        if picking.metric == "detection_z"
+        else metric_map(maps, "detection_z", box, z_cutoff)
+    )
+    peaks = pick_peaks(
+        values,
+        cutoff,
+        min_distance=min_distance_pixels(ds, picking),
+        border=picking.border_pixels,
+    )
     iy, ix = peaks[:, 0], peaks[:, 1]
     at = {"y": xr.DataArray(iy, dims="peak"), "x": xr.DataArray(ix, dims="peak")}
     picked = region[[*_MAPS, "defocus"]].isel(at).compute()
+    if picking.merge_side_maxima and len(iy) > 1:
+        distinct = _distinct(ds, picked, z[iy, ix], z_cutoff)
+        picked, iy, ix = picked.isel(peak=distinct), iy[distinct], ix[distinct]
 
     attrs = ds.attrs
-    box_h, box_w = (int(n) for n in attrs["template_shape"][-2:])
     pixel_size = float(attrs["pixel_size"])
     along_y, along_x = axis_pixel_size(attrs, pixel_size)
     pos_y = region["y"].values[iy].astype(np.int64)
     pos_x = region["x"].values[ix].astype(np.int64)
-    n = len(peaks)
+    n = len(iy)
     map_paths = attrs.get("map_paths") or {}
     columns: dict[str, Any] = {name: picked[name].values.astype(np.float64) for name in _MAPS}
     columns |= {
@@ -273,28 +359,28 @@ def peaks_table(
         "micrograph_pixel_size": np.full(
             n, float(attrs.get("original_pixel_size", pixel_size)), dtype=np.float64
         ),
+        "detection_z": z[iy, ix].astype(np.float64),
     }
     return coerce_peak_dtypes(pd.DataFrame({name: columns[name] for name in PEAK_COLUMNS}))
 
 
-def _group_peaks(group: str | None, store: str, options: dict[str, Any]) -> pd.DataFrame:
+def _group_peaks(
+    group: str | None, store: str, picking: PeaksConfig, cutoffs: dict[str, float]
+) -> pd.DataFrame:
     """One partition: open one micrograph's group (on the worker) and pick its peaks.
 
     The maps are opened without dask chunks: reading the few picked pixels inside this task
     must not become a graph of its own, sent back to the cluster's scheduler.
     """
     ds = xr.open_zarr(store, group=group, consolidated=False, chunks=None)
-    return peaks_table(ds, **options)
+    return peaks_table(ds, picking, cutoff=cutoffs.get(str(ds.attrs.get("micrograph_name"))))
 
 
 def peaks_dataframe(
     results: str | os.PathLike[str],
+    picking: PeaksConfig | None = None,
     *,
-    false_positives: float = 1.0,
-    z_score_cutoff: float | None = None,
-    min_distance: float | None = None,
-    min_distance_angstrom: float | None = None,
-    border: int = 0,
+    cutoffs: dict[str, float] | None = None,
 ) -> dd.DataFrame:
     """Peaks of every micrograph of a results store as a lazy dask dataframe.
 
@@ -303,8 +389,11 @@ def peaks_dataframe(
     results
         An output directory or its ``results.zarr``; a local path or an fsspec URL
         (``file://``, ``memory://``, ``s3://`` ...).
-    false_positives, z_score_cutoff, min_distance, min_distance_angstrom, border
+    picking
         As in :func:`peaks_table`.
+    cutoffs
+        ``{micrograph_name: cut-off}`` already computed (:func:`map_thresholds`); the
+        micrographs not in it compute their own.
 
     Returns
     -------
@@ -319,20 +408,14 @@ def peaks_dataframe(
         raise InputError(f"{store}: no dtm results store here ({error})") from None
     if not groups:
         raise InputError(f"{store}: the results store holds no micrograph")
-    options = {
-        "false_positives": false_positives,
-        "z_score_cutoff": z_score_cutoff,
-        "min_distance": min_distance,
-        "min_distance_angstrom": min_distance_angstrom,
-        "border": border,
-    }
     # Keep pandas' own string dtype (as in peaks_table) rather than dask's pyarrow strings.
     with dask.config.set({"dataframe.convert-string": False}):
         return dd.from_map(
             _group_peaks,
             groups,
             store=store,
-            options=options,
+            picking=picking or PeaksConfig(),
+            cutoffs=cutoffs or {},
             meta=empty_peak_table(),
             label="peaks",
             enforce_metadata=True,
@@ -341,28 +424,22 @@ def peaks_dataframe(
 
 def repick(
     results_dir: str | os.PathLike[str],
+    picking: PeaksConfig | None = None,
     *,
-    false_positives: float | None = None,
-    z_score_cutoff: float | None = None,
-    min_distance: float | None = None,
-    min_distance_angstrom: float | None = None,
-    border: int = 0,
     client: Any = None,
 ) -> pd.DataFrame:
     """Pick peaks again from ``RESULTS_DIR/results.zarr`` (the ``dtm peaks`` command).
 
     Writes ``peaks.csv``, ``peaks.parquet/`` (partitioned by micrograph) and ``peaks.star``
     in ``results_dir``, all replaced together only once every one is written, then
-    :data:`PICKING_FILE` with the options used and the z* applied to each micrograph (what
-    ``dtm report`` shows as the threshold).
+    :data:`PICKING_FILE` with the options used, the cut-off applied to each micrograph (what
+    ``dtm report`` shows as the threshold) and each one's minimum distance.
 
     Parameters
     ----------
     results_dir
         Output directory of ``dtm match``.
-    false_positives, z_score_cutoff
-        At most one; default ``false_positives = 1``.
-    min_distance, min_distance_angstrom, border
+    picking
         As in :func:`peaks_table`.
     client
         A ``distributed.Client`` to compute on; default: dask's current scheduler.
@@ -372,8 +449,7 @@ def repick(
     pandas.DataFrame
         The new table.
     """
-    if false_positives is not None and z_score_cutoff is not None:
-        raise ConfigError("give either --false-positives or --z-cutoff, not both")
+    picking = picking or PeaksConfig()
     directory = Path(results_dir)
     if not directory.is_dir():
         raise InputError(f"{directory}: results directory not found")
@@ -384,28 +460,18 @@ def repick(
                 "dtm match CONFIG --resume)"
             )
         raise InputError(f"{directory}: no results.zarr here (run dtm match first)")
-    if z_score_cutoff is None and false_positives is None:
-        false_positives = 1.0
-    table_graph = peaks_dataframe(
-        directory / "results.zarr",
-        false_positives=1.0 if false_positives is None else false_positives,
-        z_score_cutoff=z_score_cutoff,
-        min_distance=min_distance,
-        min_distance_angstrom=min_distance_angstrom,
-        border=border,
-    )
+    datasets = open_results(directory)
+    cutoffs = {name: map_threshold(ds, picking) for name, ds in datasets.items()}
+    table_graph = peaks_dataframe(directory / "results.zarr", picking, cutoffs=cutoffs)
     table = client.compute(table_graph).result() if client is not None else table_graph.compute()
     table = table.reset_index(drop=True)
     write_table(table, directory, "peaks")
     settings = {
-        "false_positives": false_positives,
-        "z_score_cutoff": z_score_cutoff,
-        "min_distance_pixels": min_distance,
-        "min_distance_angstrom": min_distance_angstrom,
-        "border_pixels": border,
-        "z_thresholds": map_thresholds(
-            directory, false_positives=false_positives, z_score_cutoff=z_score_cutoff
-        ),
+        "options": picking.model_dump(mode="json"),
+        "thresholds": cutoffs,
+        "min_distances_pixels": {
+            name: min_distance_pixels(ds, picking) for name, ds in datasets.items()
+        },
     }
     write_json(directory / PICKING_FILE, settings)
     return table

@@ -115,20 +115,6 @@ def start_columns(table: pd.DataFrame) -> dict[str, str]:
     }
 
 
-def _optics(row: pd.Series) -> Optics:
-    return Optics(
-        pixel_size=float(row["pixel_size"]),
-        voltage=float(row["voltage"]),
-        spherical_aberration=float(row["spherical_aberration"]),
-        amplitude_contrast_ratio=float(row["amplitude_contrast_ratio"]),
-        defocus_u=float(row["defocus_u"]),
-        defocus_v=float(row["defocus_v"]),
-        astigmatism_angle=float(row["astigmatism_angle"]),
-        phase_shift=float(row["phase_shift"]),
-        ctf_B_factor=float(row["ctf_B_factor"]),
-    )
-
-
 def _filtered_micrograph(
     image: np.ndarray, box: tuple[int, int], optics: Optics, filters: FilterSettings
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -226,7 +212,7 @@ def refine_partition(
     if n == 0:
         return kept.assign(**out)
     first = part.iloc[0]
-    optics = _optics(first)
+    optics = Optics.from_mapping(first)
     pixel_size = optics.pixel_size
     micrograph = read_micrograph(str(first["micrograph_path"]), pixel_size=pixel_size)
     image = micrograph.data

@@ -32,6 +32,7 @@ import pandas as pd  # noqa: E402
 import xarray as xr  # noqa: E402
 from scipy.special import log_ndtr  # noqa: E402
 
+from dtm.config.match import PeaksConfig  # noqa: E402
 from dtm.errors import OutputError  # noqa: E402
 from dtm.io.results import (  # noqa: E402
     PEAK_TABLES,
@@ -40,7 +41,13 @@ from dtm.io.results import (  # noqa: E402
     output_directory,
     read_peaks,
 )
-from dtm.peaks import map_threshold, read_picking, search_region, threshold_label  # noqa: E402
+from dtm.peaks import (  # noqa: E402
+    map_threshold,
+    picking_of,
+    read_picking,
+    search_region,
+    threshold_label,
+)
 
 #: Columns of the peak table shown in the report.
 TABLE_COLUMNS = [
@@ -103,14 +110,18 @@ def survival_curves(
 def report_threshold(
     dataset: xr.Dataset, picking: dict[str, Any] | None = None
 ) -> tuple[float, str]:
-    """The z-score threshold of a micrograph's peaks and how it was set: from ``picking``
-    (the settings of the last pick, :func:`dtm.peaks.read_picking`), else from the
-    run's configuration."""
-    peaks = picking or json.loads(dataset.attrs.get("config") or "{}").get("peaks") or {}
-    fixed = peaks.get("z_score_cutoff")
-    false_positives = float(peaks.get("false_positives") or 1.0)
-    cutoff = map_threshold(dataset, false_positives=false_positives, z_score_cutoff=fixed)
-    return cutoff, threshold_label([cutoff], None if fixed is not None else false_positives)
+    """The threshold of a micrograph's peaks and how it was set: from ``picking`` (the
+    contents of the last pick's :data:`dtm.peaks.PICKING_FILE`), else from the run's
+    configuration."""
+    if picking is not None:
+        options, cutoffs = picking_of(picking)
+        name = str(dataset.attrs.get("micrograph_name"))
+        cutoff = cutoffs[name] if name in cutoffs else map_threshold(dataset, options)
+        return cutoff, threshold_label([cutoff], options)
+    section = json.loads(dataset.attrs.get("config") or "{}").get("peaks") or {}
+    options = PeaksConfig.model_validate(section)
+    cutoff = map_threshold(dataset, options)
+    return cutoff, threshold_label([cutoff], options)
 
 
 def _png(figure: plt.Figure) -> str:
@@ -271,8 +282,9 @@ def write_report(
     """
     micrographs = open_micrographs(results_dir)
     peaks, source = read_peaks(results_dir)
-    # Without tables read_peaks picked with its default, one false positive per micrograph.
-    picking = read_picking(results_dir) if source in PEAK_TABLES else {"false_positives": 1.0}
+    # Without tables read_peaks picked with the default options.
+    default = {"options": PeaksConfig().model_dump(mode="json"), "thresholds": {}}
+    picking = read_picking(results_dir) if source in PEAK_TABLES else default
     directory = output_directory(results_dir)
     if out is None:
         out = Path(directory) / "report.html" if "://" not in directory else Path("report.html")

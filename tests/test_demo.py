@@ -29,7 +29,8 @@ def test_demo_command_finds_every_planted_particle(tmp_path):
     config = yaml.safe_load((tmp_path / "dtm-demo" / "config.yaml").read_text())
     assert config["micrograph_path"] == "data/micrograph.mrc"  # relative to the config file
     peaks = pd.read_csv(tmp_path / "dtm-demo" / "results" / "peaks.csv")
-    assert len(peaks) == 6
+    # The six, and at most the one false positive per micrograph that the threshold allows.
+    assert 6 <= len(peaks) <= 7
 
 
 def test_demo_replaces_only_an_earlier_demo(tmp_path):

@@ -11,10 +11,12 @@ import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
+import pydantic
 import pytest
 import xarray as xr
 from scipy.spatial import cKDTree
 
+from dtm.config.match import PeaksConfig
 from dtm.errors import ConfigError, InputError
 from dtm.peaks import (
     PEAK_COLUMNS,
@@ -67,6 +69,11 @@ SEED_COLUMNS = [
 
 PIXEL_SIZE = 1.25
 TEMPLATE = 16  # template box d (cube d³)
+
+
+def scaled(**options) -> PeaksConfig:
+    """Picking on the scaled MIP: these tests plant their peaks in that map."""
+    return PeaksConfig(metric="scaled_mip", **options)
 
 
 def make_results(
@@ -153,7 +160,13 @@ def greedy_reference(values: np.ndarray, cutoff: float, min_distance: float) -> 
 
 def test_columns_and_dtypes_are_the_seeds():
     names = [name for name, _ in SEED_COLUMNS]
-    assert PEAK_COLUMNS == [*names, "micrograph_name", "particle_index", "micrograph_pixel_size"]
+    assert PEAK_COLUMNS == [
+        *names,
+        "micrograph_name",
+        "particle_index",
+        "micrograph_pixel_size",
+        "detection_z",
+    ]
     table = peaks_table(make_results("m1", {(10, 12): 30.0, (50, 40): 25.0}))
     assert list(table.columns) == PEAK_COLUMNS
     expected = {"float": np.dtype("float64"), "int": np.dtype("int64")}
@@ -236,7 +249,7 @@ def test_default_min_distance_scales_with_the_box():
 
 def test_peaks_table_positions_values_and_optics():
     ds = make_results("m1", {(10, 12): 30.0, (50, 40): 25.0, (52, 41): 24.0})
-    table = peaks_table(ds, min_distance=5)
+    table = peaks_table(ds, scaled(min_distance_pixels=5))
     assert table[["pos_y", "pos_x"]].values.tolist() == [[10, 12], [50, 40]]
     assert table["particle_index"].tolist() == [0, 1]
     assert (table["pos_y_img"] == table["pos_y"] + TEMPLATE // 2).all()
@@ -257,11 +270,13 @@ def test_peaks_table_positions_values_and_optics():
     assert (table["correlation_average_path"] == "/out/maps/m1_correlation_mean.mrc").all()
     assert (table["defocus_path"] == "/out/maps/m1_defocus.mrc").all()
     # The 1-FP threshold of this search space is ~5.3: noise of sd 0.3 never reaches it.
-    assert len(peaks_table(ds, z_score_cutoff=24.5, min_distance=1)) == 2
-    in_angstrom = peaks_table(ds, min_distance_angstrom=5 * PIXEL_SIZE)
+    assert len(peaks_table(ds, scaled(z_score_cutoff=24.5, min_distance_pixels=1))) == 2
+    in_angstrom = peaks_table(ds, scaled(min_distance_angstrom=5 * PIXEL_SIZE))
     pd.testing.assert_frame_equal(in_angstrom, table)
     # A Fourier-cropped micrograph's own pixel size per axis gives the physical positions.
-    cropped = peaks_table(ds.assign_attrs(axis_pixel_size=[2.01, 1.99]), min_distance=5)
+    cropped = peaks_table(
+        ds.assign_attrs(axis_pixel_size=[2.01, 1.99]), scaled(min_distance_pixels=5)
+    )
     np.testing.assert_allclose(cropped["pos_y_img_angstrom"], (table["pos_y"] + 8) * 2.01)
     np.testing.assert_allclose(cropped["pos_x_img_angstrom"], (table["pos_x"] + 8) * 1.99)
 
@@ -274,10 +289,10 @@ def test_same_mode_excludes_padded_margin_and_counts_valid_positions():
     assert z_valid < between < z_all
     peaks = {(20, 20): between, (height - 5, 30): 40.0, (30, width - 3): 40.0}
     ds = make_results("s", peaks, mode="same", total_correlations=1000)
-    table = peaks_table(ds, min_distance=3)
+    table = peaks_table(ds, scaled(min_distance_pixels=3))
     # Margin peaks (box leaving the image) are ignored; N_pos counts only valid positions.
     assert table[["pos_y", "pos_x"]].values.tolist() == [[20, 20]]
-    assert peaks_table(ds, min_distance=3, border=25).empty
+    assert peaks_table(ds, scaled(min_distance_pixels=3, border_pixels=25)).empty
 
 
 def test_missing_attribute_is_an_input_error():
@@ -303,13 +318,15 @@ def three_micrographs() -> list[xr.Dataset]:
 def test_dataframe_over_three_micrographs(tmp_path):
     datasets = three_micrographs()
     write_store(tmp_path / "results.zarr", datasets)
-    frame = peaks_dataframe(tmp_path, min_distance=4)
+    frame = peaks_dataframe(tmp_path, scaled(min_distance_pixels=4))
     assert isinstance(frame, dd.DataFrame)
     assert frame.npartitions == 3
     assert list(frame.columns) == PEAK_COLUMNS
     with dask.config.set(scheduler="sync"):
         computed = frame.compute().reset_index(drop=True)
-    expected = pd.concat([peaks_table(ds, min_distance=4) for ds in datasets], ignore_index=True)
+    expected = pd.concat(
+        [peaks_table(ds, scaled(min_distance_pixels=4)) for ds in datasets], ignore_index=True
+    )
     pd.testing.assert_frame_equal(computed, expected)
     assert computed.groupby("micrograph_name").size().to_dict() == {"a": 2, "b": 1, "c": 3}
 
@@ -318,9 +335,9 @@ def test_dataframe_from_fsspec_urls(tmp_path):
     datasets = three_micrographs()[:2]
     root = f"/dtm-test-{uuid.uuid4().hex}"
     write_store(f"memory://{root}/results.zarr", datasets)
-    from_memory = peaks_dataframe(f"memory://{root}/results.zarr", min_distance=4)
+    from_memory = peaks_dataframe(f"memory://{root}/results.zarr", scaled(min_distance_pixels=4))
     write_store(tmp_path / "results.zarr", datasets)
-    from_file = peaks_dataframe(f"file://{tmp_path}/results.zarr", min_distance=4)
+    from_file = peaks_dataframe(f"file://{tmp_path}/results.zarr", scaled(min_distance_pixels=4))
     try:
         with dask.config.set(scheduler="sync"):
             memory_table = from_memory.compute().reset_index(drop=True)
@@ -334,7 +351,7 @@ def test_dataframe_from_fsspec_urls(tmp_path):
 def test_single_micrograph_store_at_root(tmp_path):
     ds = make_results("only", {(10, 10): 20.0})
     ds.to_zarr(str(tmp_path / "results.zarr"), consolidated=False)
-    frame = peaks_dataframe(tmp_path / "results.zarr", min_distance=4)
+    frame = peaks_dataframe(tmp_path / "results.zarr", scaled(min_distance_pixels=4))
     assert frame.npartitions == 1
     table = frame.compute()
     assert table["micrograph_name"].tolist() == ["only"]
@@ -342,7 +359,7 @@ def test_single_micrograph_store_at_root(tmp_path):
 
 def test_repick_writes_tables_and_keeps_old_ones_on_error(tmp_path):
     write_store(tmp_path / "results.zarr", three_micrographs())
-    table = repick(tmp_path, z_score_cutoff=18.5, min_distance=4)
+    table = repick(tmp_path, scaled(z_score_cutoff=18.5, min_distance_pixels=4))
     assert table["scaled_mip"].tolist() == [20.0, 19.0, 22.0, 21.0]  # not 18 and 17
     written = pd.read_csv(tmp_path / "peaks.csv")
     assert written["scaled_mip"].tolist() == table["scaled_mip"].tolist()
@@ -358,7 +375,7 @@ def test_repick_writes_tables_and_keeps_old_ones_on_error(tmp_path):
     del broken.attrs["pixel_size"]
     write_store(tmp_path / "results.zarr", [broken])
     with pytest.raises(InputError, match="pixel_size"):
-        repick(tmp_path, false_positives=1.0)
+        repick(tmp_path, scaled(false_positives=1.0))
     assert (tmp_path / "peaks.csv").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -370,10 +387,10 @@ def test_threshold_summary_names_the_cutoffs_repick_applies(tmp_path):
     z_small = threshold((96 - TEMPLATE + 1) * (80 - TEMPLATE + 1), 1000, 2.0)
     z_large = threshold((196 - TEMPLATE + 1) * (180 - TEMPLATE + 1), 1000, 2.0)
     assert z_small < z_large
-    assert map_threshold(small, false_positives=2.0) == z_small
-    repick(tmp_path, false_positives=2.0)
+    assert map_threshold(small, PeaksConfig(false_positives=2.0)) == z_small
+    repick(tmp_path, PeaksConfig(false_positives=2.0))
     picking = read_picking(tmp_path)
-    assert picking is not None and picking["z_thresholds"] == {"a": z_small, "b": z_large}
+    assert picking is not None and picking["thresholds"] == {"a": z_small, "b": z_large}
     assert threshold_summary(tmp_path) == (
         f"z* = {z_small:.2f}–{z_large:.2f} (2 false positives per micrograph)"
     )
@@ -383,8 +400,8 @@ def test_threshold_summary_names_the_cutoffs_repick_applies(tmp_path):
     assert threshold_summary(tmp_path / "one") == (
         f"z* = {one:.2f} (1 false positive per micrograph)"
     )
-    repick(tmp_path, z_score_cutoff=7.5)
-    assert threshold_summary(tmp_path) == "z* = 7.50 (fixed)"
+    repick(tmp_path, scaled(z_score_cutoff=7.5))
+    assert threshold_summary(tmp_path) == "z* of scaled_mip = 7.50 (fixed)"
     with pytest.raises(InputError, match="no peaks.json"):
         threshold_summary(tmp_path / "results.zarr" / "a")
 
@@ -394,8 +411,8 @@ def test_repick_rejects_bad_input(tmp_path):
         repick(tmp_path / "missing")
     with pytest.raises(InputError, match="results.zarr"):
         repick(tmp_path)
-    with pytest.raises(ConfigError):
-        repick(tmp_path, false_positives=1.0, z_score_cutoff=7.0)
+    with pytest.raises(pydantic.ValidationError, match="not used by metric pvalue"):
+        PeaksConfig(metric="pvalue", z_score_cutoff=7.0)
 
 
 def test_repick_says_why_there_is_nothing_to_pick(tmp_path):

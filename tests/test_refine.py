@@ -22,6 +22,7 @@ import yaml
 from distributed import Client, LocalCluster
 from scipy.spatial.transform import Rotation
 
+from dtm.config.match import PeaksConfig
 from dtm.errors import ConfigError, InputError, OutputError
 from dtm.io.mrc import write_map
 from dtm.io.tables import read_table, write_table
@@ -138,7 +139,7 @@ def coarse(tmp_path_factory: pytest.TempPathFactory, client: Client) -> dict[str
     }
     (directory / "match.yaml").write_text(yaml.safe_dump(config))
     ds = match_template(directory / "match.yaml", client=client)
-    peaks = peaks_table(ds, z_score_cutoff=5.0)
+    peaks = peaks_table(ds, PeaksConfig(metric="scaled_mip", z_score_cutoff=5.0))
     rows = []
     for p in particles:
         distance = np.hypot(peaks["pos_y"] - p.pos_y, peaks["pos_x"] - p.pos_x)

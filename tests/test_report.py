@@ -16,6 +16,7 @@ import pytest
 import scipy.stats
 from synthetic_results import write_results
 
+from dtm.config.match import PeaksConfig
 from dtm.errors import InputError
 from dtm.io.results import open_micrographs
 from dtm.io.tables import read_table
@@ -69,17 +70,17 @@ def test_threshold_comes_from_the_run_configuration(results: Path) -> None:
 
 def test_report_shows_the_threshold_of_the_last_pick(tmp_path: Path) -> None:
     run = write_results(tmp_path / "run")
-    repick(run, false_positives=100.0)
+    repick(run, PeaksConfig(false_positives=100.0))
     picking = read_picking(run)
-    assert picking is not None and picking["false_positives"] == 100.0
+    assert picking is not None and picking["options"]["false_positives"] == 100.0
     dataset = open_micrographs(run)[0].dataset
     cutoff, label = report_threshold(dataset, picking)
     n_positions = dataset.sizes["y"] * dataset.sizes["x"]
     assert cutoff == threshold(n_positions, dataset.attrs["total_correlations"], 100.0)
-    assert picking["z_thresholds"] == {"micrograph": cutoff}  # the z* applied, recorded
+    assert picking["thresholds"] == {"micrograph": cutoff}  # the z* applied, recorded
     page = write_report(run).read_text()
     assert label == f"z* = {cutoff:.2f} (100 false positives per micrograph)" and label in page
-    repick(run, z_score_cutoff=8.5)
+    repick(run, PeaksConfig(z_score_cutoff=8.5))
     assert "z* = 8.50 (fixed)" in write_report(run).read_text()
     (run / "peaks.json").write_text("[1, 2")  # damaged: a one-line error, not a traceback
     with pytest.raises(InputError, match=r"peaks\.json: unreadable picking settings"):

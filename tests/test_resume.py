@@ -21,6 +21,7 @@ from datasets import PSI_STEP, THETA_STEP, match_config, write_config, write_dat
 from distributed import Client, LocalCluster, SchedulerPlugin
 
 from dtm.config import MatchConfig
+from dtm.config.match import PeaksConfig
 from dtm.errors import ConfigError
 from dtm.match import match_template
 from dtm.peaks import repick
@@ -125,7 +126,7 @@ def test_resume_refuses_a_changed_configuration(data, client, tmp_path):
         match_template(changed, client=client, resume=True)
     # Resuming a finished run with the same configuration recomputes nothing and keeps the
     # peaks the user re-picked since.
-    repick(out, z_score_cutoff=0.0)
+    repick(out, PeaksConfig(z_score_cutoff=0.0))
     picked = (out / "peaks.csv").read_bytes()
     printed = io.StringIO()
     match_template(first, client=client, resume=True, out=printed)

@@ -7,13 +7,15 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import pydantic
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from dtm.errors import ConfigError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 _ONE_GRID, _SEVERAL_GRIDS = "one-grid", "several-grids"  # union tags, hidden from messages
 
@@ -241,6 +243,15 @@ def _load(model: type[Any], path: str | Path, overrides: dict[str, Any] | None) 
         field = line.split(":")[0]
         overridden = any(field == key or field.startswith(key + ".") for key in overrides)
         raise ConfigError(f"{'command line' if overridden else path}: {line}") from None
+
+
+def validate_options(model: type[ModelT], data: dict[str, Any]) -> ModelT:
+    """``model`` from command-line options: a bad value is one line naming the option's
+    field, as for a file (``command line: false_positives: ...``)."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, "command line")) from None
 
 
 def config_to_dict(config: BaseModel) -> dict[str, Any]:

@@ -66,16 +66,27 @@ class MatchTemplateResult(_Model):
 
 
 class PeaksConfig(_Model):
-    """Threshold and peak picking on the scaled MIP."""
+    """Threshold and peak picking (the ``peaks:`` section and ``dtm peaks``)."""
 
+    metric: Literal["detection_z", "scaled_mip", "mip", "pvalue", "gev"] = "detection_z"
+    """What is thresholded and suppressed: detection_z (the MIP against the correlation
+    statistics of the background around it; does not saturate at strong particles),
+    scaled_mip (the z-score of the seed), mip (the raw MIP), pvalue (Leopard-EM 1.3's
+    anisotropic-Gaussian -ln p of (MIP, z-score)) or gev (the z-score with a cut-off from a
+    fitted extreme-value distribution)."""
     false_positives: Positive = 1.0
-    """Expected false positives per micrograph; sets the z-score threshold."""
+    """Expected false positives per micrograph; sets the threshold (z metrics and gev)."""
     z_score_cutoff: float | None = None
-    """Fixed z-score threshold, instead of the one from false_positives."""
+    """Fixed threshold of detection_z, scaled_mip or mip, instead of false_positives."""
+    p_value_cutoff: Positive = 8.0
+    """Threshold of the pvalue metric, as -ln p (Leopard-EM's default 8)."""
     min_distance_pixels: Positive | None = None
-    """Minimum distance between peaks, pixels (default from the template size)."""
+    """Minimum distance between peaks, pixels (default: the template's radius)."""
     min_distance_angstrom: Positive | None = None
     """Minimum distance between peaks, Å (instead of pixels)."""
+    merge_side_maxima: bool = True
+    """Drop a peak that the stronger particles near it explain: what is left of its
+    correlation once theirs is accounted for no longer passes the threshold."""
     border_pixels: Annotated[int, Field(ge=0)] = 0
     """Ignore peaks closer than this to the edge of the map, pixels."""
 
@@ -86,6 +97,12 @@ class PeaksConfig(_Model):
                 "give min_distance_pixels or min_distance_angstrom, not both",
                 "min_distance_angstrom",
                 self.min_distance_angstrom,
+            )
+        if self.z_score_cutoff is not None and self.metric in ("pvalue", "gev"):
+            raise _Problem(
+                f"not used by metric {self.metric} (use p_value_cutoff or false_positives)",
+                "z_score_cutoff",
+                self.z_score_cutoff,
             )
         return self
 

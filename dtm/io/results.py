@@ -89,4 +89,4 @@ def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
             fs.get(path, str(local), recursive=fs.isdir(path))
             return read_table(local), name
     table = peaks_dataframe(results).compute().reset_index(drop=True)
-    return table, "picked now (no peak table in the results directory; 1 false positive)"
+    return table, "picked now (no peak table in the results directory; default picking)"

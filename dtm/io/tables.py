@@ -1,9 +1,10 @@
 """Particle tables on disk: CSV, parquet (partitioned by micrograph) and RELION STAR.
 
 The columns are those the users asked for (``docs/outputs.md``, "The peak table"), in their order,
-followed by ``micrograph_name``, ``particle_index`` and ``micrograph_pixel_size`` (the
+followed by ``micrograph_name``, ``particle_index``, ``micrograph_pixel_size`` (the
 micrograph file's pixel size: ``pixel_size`` and the positions are at the cropped sampling
-of a search with ``high_resolution_limit``); :data:`PEAK_DTYPES` gives their types
+of a search with ``high_resolution_limit``) and ``detection_z`` (the detection statistic,
+:mod:`dtm.detection`); :data:`PEAK_DTYPES` gives their types
 (ints ``int64``, floats ``float64``, text the pandas string type). Extra columns (e.g. the
 ``refined_*`` columns of refine-template) are carried through unchanged.
 
@@ -97,6 +98,7 @@ PEAK_DTYPES: dict[str, str] = {
     "micrograph_name": _STR,
     "particle_index": _INT,
     "micrograph_pixel_size": _FLOAT,
+    "detection_z": _FLOAT,
 }
 
 #: The ordered columns of a dtm peak table.

@@ -9,7 +9,8 @@ by all of its tasks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +36,11 @@ class Optics:
     astigmatism_angle: float  # degrees
     phase_shift: float = 0.0  # degrees
     ctf_B_factor: float = 0.0  # Å²  # noqa: N815 (the field's established name)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> Optics:
+        """From a table row or a results dataset's attributes, which name the fields alike."""
+        return cls(**{field.name: float(values[field.name]) for field in fields(cls)})
 
     def ctf(self, shape: tuple[int, int], relative_defocus: np.ndarray, xp: Any = np) -> Any:
         """CTF planes ``(n_defocus, ny, nx // 2 + 1)`` on the rfft grid of ``shape``."""
