@@ -95,6 +95,50 @@ def numba_update() -> Callable[..., None] | None:
     return fused
 
 
+@cache
+def numba_update_flagged() -> Callable[..., None] | None:
+    """:func:`numba_update` that also flags the rows holding a value above a cut-off.
+
+    ``f(cc, first_index, mip, best_index, total, total_sq, cutoff, flags)``: the same
+    statistics, bit for bit, and ``flags[k, i] = any(cc[k, i, :Wm] > cutoff)`` for the
+    ``(n, Hm)`` uint8 array ``flags`` (the correlation table, :mod:`dtm.search.table`, then
+    reads only the flagged rows). The flag is an OR reduction in the vectorised loop, which
+    costs next to nothing beside the memory traffic. ``None`` where :func:`numba_update` is.
+    """
+    if numba_update() is None:
+        return None
+    import numba  # noqa: PLC0415 (optional, compiled lazily)
+
+    signature = (
+        "void(float32[:, :, ::1], int64, float32[:, ::1], int64[:, ::1], float64[:, ::1], "
+        "float64[:, ::1], float32, uint8[:, ::1])"
+    )
+
+    @numba.njit(signature, cache=True, nogil=True, error_model="numpy")
+    def fused_flagged(
+        cc: Any, first: int, mip: Any, best: Any, total: Any, total_sq: Any, cutoff: Any, flags: Any
+    ) -> None:  # pragma: no cover (compiled)
+        height, width = mip.shape
+        for i in range(height):
+            m, b, s, s2 = mip[i], best[i], total[i], total_sq[i]
+            for k in range(cc.shape[0]):
+                row = cc[k, i]
+                index = first + k
+                hit = False
+                for j in range(width):
+                    v = row[j]
+                    better = v > m[j]
+                    m[j] = v if better else m[j]
+                    b[j] = index if better else b[j]
+                    w = np.float64(v)
+                    s[j] += w
+                    s2[j] += w * w
+                    hit = hit | (v > cutoff)
+                flags[k, i] = hit
+
+    return fused_flagged
+
+
 def row_major(correlations: np.ndarray) -> np.ndarray:
     """A C-contiguous ``(n, Hm, row)`` array whose ``[:, :, :Wm]`` is ``correlations``.
 
