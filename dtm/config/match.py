@@ -71,7 +71,7 @@ class MatchTemplateResult(_Model):
 
 class CorrelationTableConfig(_Model):
     """Every (position, orientation, defocus) whose correlation exceeds a cut-off, written as
-    OUTPUT_DIR/correlation_table.parquet (outputs.md#the-correlation-table)."""
+    OUTPUT_DIR/correlation_table.parquet (see the correlation table in Output formats)."""
 
     enabled: bool = False
     """Keep the table (off by default: no cost); match_template_result.correlation_table_path
