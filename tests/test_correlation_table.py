@@ -53,12 +53,13 @@ def test_collector_keeps_exactly_the_values_above_the_cutoff_in_search_order(cut
     assert [a.dtype for a in rows.arrays().values()] == list(TableRows.DTYPES)
 
 
-def test_compiled_flags_give_the_same_rows_and_bit_identical_statistics():
+@pytest.mark.parametrize("cutoff", [4.5, 0.0])  # few rows; more than the first buffer holds
+def test_compiled_flags_give_the_same_rows_and_bit_identical_statistics(cutoff):
     assert fused.numba_update_flagged() is not None  # numba is a dependency
     rng = np.random.default_rng(1)
     batches = [rng.standard_normal((3, 25, 33), dtype=np.float32) * 2 for _ in range(5)]
     compiled, reference = PartialStats.empty((25, 33)), PartialStats.empty((25, 33))
-    flagged, candidates = TableCollector(4.5, 10**6), TableCollector(4.5, 10**6)
+    flagged, candidates = TableCollector(cutoff, 10**6), TableCollector(cutoff, 10**6)
     first = 0
     for batch in batches:
         cropped = np.pad(batch, ((0, 0), (0, 0), (1, 6)))[:, :, 1:34]
@@ -70,7 +71,7 @@ def test_compiled_flags_give_the_same_rows_and_bit_identical_statistics():
         np.testing.assert_array_equal(getattr(compiled, name), getattr(reference, name))
     assert compiled.count == reference.count
     rows, expected = flagged.rows(), candidates.rows()
-    assert len(rows) == len(_collect_by_hand(batches, 4.5)) > 0
+    assert len(rows) == len(_collect_by_hand(batches, cutoff)) > 0
     for name in TableRows.FIELDS:
         np.testing.assert_array_equal(getattr(rows, name), getattr(expected, name))
 

@@ -116,7 +116,7 @@ def read_correlation_table(output_dir: str | Path) -> dd.DataFrame:
     if not files:
         raise FileNotFoundError(f"{Path(output_dir) / TABLE_DIR}: no correlation table")
     meta = schema().empty_table().to_pandas()
-    return dd.from_map(lambda path: pd.read_parquet(path), [str(f) for f in files], meta=meta)
+    return dd.from_map(pd.read_parquet, [str(f) for f in files], meta=meta)
 
 
 def export_correlation_table(output_dir: str | Path, path: str | Path) -> int:

@@ -139,6 +139,54 @@ def numba_update_flagged() -> Callable[..., None] | None:
     return fused_flagged
 
 
+@cache
+def numba_flagged_values() -> Callable[..., int] | None:
+    """Compiled ``f(cc, width, ks, ys, cutoff, out_k, out_y, out_x, out_v) -> count``.
+
+    Scans the rows ``cc[ks[r], ys[r], :width]`` (C-contiguous ``cc`` of :func:`row_major`)
+    in order and writes each value above ``cutoff`` with its ``(k, y, x)`` to the output
+    arrays, as many as they hold; returns how many there are (which may exceed their
+    length: the caller then calls again with longer arrays). ``None`` without numba.
+    """
+    if numba_update() is None:
+        return None
+    import numba  # noqa: PLC0415 (optional, compiled lazily)
+
+    signature = (
+        "int64(float32[:, :, ::1], int64, int64[::1], int64[::1], float32, int64[::1], "
+        "int32[::1], int32[::1], float32[::1])"
+    )
+
+    @numba.njit(signature, cache=True, nogil=True, error_model="numpy")
+    def flagged_values(
+        cc: Any,
+        width: int,
+        ks: Any,
+        ys: Any,
+        cutoff: Any,
+        out_k: Any,
+        out_y: Any,
+        out_x: Any,
+        out_v: Any,
+    ) -> int:  # pragma: no cover (compiled)
+        count = 0
+        capacity = out_v.shape[0]
+        for r in range(ks.shape[0]):
+            row = cc[ks[r], ys[r]]
+            for j in range(width):
+                v = row[j]
+                if v > cutoff:
+                    if count < capacity:
+                        out_k[count] = ks[r]
+                        out_y[count] = ys[r]
+                        out_x[count] = j
+                        out_v[count] = v
+                    count += 1
+        return count
+
+    return flagged_values
+
+
 def row_major(correlations: np.ndarray) -> np.ndarray:
     """A C-contiguous ``(n, Hm, row)`` array whose ``[:, :, :Wm]`` is ``correlations``.
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from dtm.backend import get_xp, to_numpy
 from dtm.errors import ConfigError
+from dtm.search import fused
 
 #: Candidate positions above which a batch is thresholded directly instead (a fraction of
 #: the map's positions: gathering scattered values costs several times a streaming pass).
@@ -126,9 +127,29 @@ class TableCollector:
         ks, ys = np.nonzero(flags)
         if ks.shape[0] == 0:
             return
-        rows = maps[ks, ys, :]  # (flagged rows, Wm)
-        r, x = np.nonzero(rows > np.float32(self.cutoff))
-        self._keep(ks[r], ys[r], x, rows[r, x], first_index)
+        scan = fused.numba_flagged_values()
+        cutoff = np.float32(self.cutoff)
+        if scan is None:
+            rows = maps[ks, ys, :]  # (flagged rows, Wm)
+            r, x = np.nonzero(rows > cutoff)
+            self._keep(ks[r], ys[r], x, rows[r, x], first_index)
+            return
+        # In place (no copy of the rows): the flagged rows are still in cache.
+        source, width = fused.row_major(maps), int(maps.shape[2])
+        ks, ys = ks.astype(np.int64), ys.astype(np.int64)
+        capacity = 4 * width
+        while True:
+            out = (
+                np.empty(capacity, np.int64),
+                np.empty(capacity, np.int32),
+                np.empty(capacity, np.int32),
+                np.empty(capacity, np.float32),
+            )
+            count = scan(source, width, ks, ys, cutoff, *out)
+            if count <= capacity:
+                break
+            capacity = count
+        self._keep(out[0][:count], out[1][:count], out[2][:count], out[3][:count], first_index)
 
     def _keep(self, k: Any, y: Any, x: Any, values: Any, first_index: int) -> None:
         if int(k.shape[0]) == 0:
