@@ -36,6 +36,7 @@ RUN_OUTPUTS = (
     "peaks.parquet",
     "peaks.star",
     "peaks.json",
+    "correlation_table.parquet",
     "report.html",  # dtm report's default, made from the results above
 )
 

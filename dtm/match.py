@@ -26,6 +26,13 @@ from dask.delayed import Delayed
 from dtm.cluster import session, worker_threads
 from dtm.config import MatchConfig, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError
+from dtm.io.correlation_table import (
+    TABLE_DIR,
+    count_rows,
+    export_correlation_table,
+    table_file,
+    table_files,
+)
 from dtm.io.mrc import read_template
 from dtm.io.store import open_results
 from dtm.jobfile import (
@@ -162,6 +169,8 @@ def match_template(
         run_token = token(f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}")
         search = _Search(config, sampling, space, chunks, output_dir, start, run_device, run_token)
         tasks_run, n_searched = _run(client, search, plans, done, out)
+        if config.table_settings() is not None:
+            _report_table(config, output_dir, out)
         # A resumed run that had nothing left to search keeps the peaks picked earlier
         # (perhaps re-picked with `dtm peaks`).
         if n_searched or not (output_dir / "peaks.csv").exists():
@@ -346,6 +355,7 @@ def _micrograph_graph(
         split_every=config.cluster.split_every,
         checkpoint_dir=_checkpoints(output_dir, plan),
         device=search.device,
+        table=config.table_settings(),
     )
     extra = config.match_template_result.map_paths() if config.match_template_result else None
     root: Delayed = dask.delayed(persist)(
@@ -357,9 +367,31 @@ def _micrograph_graph(
         pixel_size=plan.optics.pixel_size,
         attrs=dataset_attrs(config, plan, sampling, search.space, search.start),
         extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
+        table_path=(
+            str(table_file(output_dir, plan.name)) if config.table_settings() is not None else None
+        ),
         dask_key_name=f"persist-{tok}",
     )
     return root
+
+
+def _report_table(config: MatchConfig, output_dir: Path, out: TextIO) -> None:
+    """Print the correlation table's size; copy it to Leopard-EM's path if one is given."""
+    settings = config.table_settings()
+    assert settings is not None
+    files = table_files(output_dir)
+    if not files:
+        return
+    rows = sum(count_rows(f) for f in files)
+    print(
+        f"correlation table: {rows:,} correlations above {settings[0]:g} in "
+        f"{output_dir / TABLE_DIR}/",
+        file=out,
+    )
+    result = config.match_template_result
+    if result is not None and result.correlation_table_path is not None:
+        export_correlation_table(output_dir, result.correlation_table_path)
+        print(f"correlation table: also written to {result.correlation_table_path}", file=out)
 
 
 def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:

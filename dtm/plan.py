@@ -114,6 +114,7 @@ def fingerprint(
     """The parts of a run that determine its maps (compared on ``--resume``)."""
     cfg = config_to_dict(config)
     optics = {k: v for k, v in cfg["optics_group"].items() if k != "label"}
+    table = config.table_settings()
     return {
         "template": file_digest(config.template_volume_path),
         "micrographs": {
@@ -132,6 +133,8 @@ def fingerprint(
         "high_resolution_limit": config.high_resolution_limit,
         "chunk_size": chunk_size,
         "split_every": config.cluster.split_every,
+        # Checkpoints hold the table's rows: a resumed run must keep the same cut-off.
+        "correlation_table_cutoff": None if table is None else table[0],
     }
 
 
@@ -218,7 +221,8 @@ def check_leopard_paths(config: MatchConfig, replace: bool) -> None:
     result = config.match_template_result
     if result is None or result.allow_file_overwrite or replace:
         return
-    existing = [str(path) for path in result.map_paths().values() if Path(path).exists()]
+    paths = [*result.map_paths().values(), result.correlation_table_path]
+    existing = [str(path) for path in paths if path is not None and Path(path).exists()]
     if existing:
         raise OutputError(
             f"match_template_result: {existing[0]} exists and allow_file_overwrite is false "

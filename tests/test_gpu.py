@@ -139,3 +139,23 @@ def test_pipeline_task_moves_cpu_inputs_to_the_gpu(volume):
     other_gpu = tasks.correlate(other, template, space, 0, 40, device="gpu")
     other_cpu = tasks.correlate(other, template, space, 0, 40, device="cpu")
     np.testing.assert_allclose(other_gpu.mip, other_cpu.mip, rtol=1e-4, atol=1e-5)
+
+
+def test_correlation_table_rows_on_gpu_equal_the_cpu_rows():
+    import cupy
+
+    from dtm.search.stats import update_with_table
+    from dtm.search.table import TableCollector, TableRows
+
+    rng = np.random.default_rng(2)
+    batches = [rng.standard_normal((3, 40, 50), dtype=np.float32) * 2 for _ in range(3)]
+    rows = {}
+    for name, xp in (("cpu", np), ("gpu", cupy)):
+        stats = PartialStats.empty((40, 50), xp)
+        collector = TableCollector(4.0, 10**6)
+        for i, batch in enumerate(batches):
+            update_with_table(stats, xp.asarray(batch), 7 + 3 * i, collector)
+        rows[name] = collector.rows().to_numpy()
+    assert len(rows["cpu"]) > 0
+    for field in TableRows.FIELDS:
+        np.testing.assert_array_equal(getattr(rows["gpu"], field), getattr(rows["cpu"], field))

@@ -192,6 +192,7 @@ _PATH_KEYS = frozenset(
         "output_dir",
         "output_path",
         "df_path",
+        "correlation_table_path",
         *_MAP_FIELDS.values(),
     }
 )

@@ -12,6 +12,7 @@ from dtm.config.base import (
     InputFile,
     OutputPath,
     Positive,
+    PositiveInt,
     _load,
     _Model,
     _notices,
@@ -51,6 +52,9 @@ class MatchTemplateResult(_Model):
     """φ map, degrees, .mrc."""
     relative_defocus_path: OutputPath | None = None
     """Relative defocus map, Å, .mrc."""
+    correlation_table_path: OutputPath | None = None
+    """Also write the correlation table here, as one parquet file (Leopard-EM writes HDF5);
+    turns the table on (see correlation_table)."""
     total_defocus: int | None = None
     """Written by older Leopard-EM versions after a run; ignored."""
     total_orientations: int | None = None
@@ -63,6 +67,22 @@ class MatchTemplateResult(_Model):
         ``psi``, ``theta``, ``phi``, ``defocus``) → path, for the paths that are given."""
         paths = {name: getattr(self, field) for name, field in _MAP_FIELDS.items()}
         return {name: path for name, path in paths.items() if path is not None}
+
+
+class CorrelationTableConfig(_Model):
+    """Every (position, orientation, defocus) whose correlation exceeds a cut-off, written as
+    OUTPUT_DIR/correlation_table.parquet (see the correlation table in Output formats)."""
+
+    enabled: bool = False
+    """Keep the table (off by default: no cost); match_template_result.correlation_table_path
+    also turns it on."""
+    cutoff: Positive = 5.5
+    """Correlations strictly above this value are kept (Leopard-EM's threshold, 5.5); the
+    correlations are ~N(0, 1) in noise, so each map position contributes ~1.9e-8 × N rows
+    of noise at 5.5."""
+    max_rows_per_task: PositiveInt = 1_000_000
+    """More rows than this from one search task stop that micrograph with an error naming
+    cutoff (20 bytes a row; a micrograph's rows are held in memory until written)."""
 
 
 class PeaksConfig(_Model):
@@ -139,6 +159,8 @@ class MatchConfig(_Model):
     """Dask cluster and task sizes."""
     match_template_result: MatchTemplateResult | None = None
     """Leopard-EM output paths; the maps are also exported there."""
+    correlation_table: CorrelationTableConfig = CorrelationTableConfig()
+    """The correlation table: every correlation above a cut-off (off by default)."""
     computational_config: ComputationalConfig | None = None
     """Leopard-EM compute resources (gpu_ids: cpu → CPU workers, else GPU workers)."""
 
@@ -160,12 +182,27 @@ class MatchConfig(_Model):
         if duplicate and self.micrographs:
             name = self.micrographs[duplicate[1]].name
             raise _Problem("duplicate micrograph name", f"micrographs.{duplicate[1]}.name", name)
+        table, result = self.correlation_table, self.match_template_result
+        leopard_table = result is not None and result.correlation_table_path is not None
+        if leopard_table and "enabled" in table.model_fields_set and not table.enabled:
+            raise _Problem(
+                "false, but match_template_result.correlation_table_path asks for the table",
+                "correlation_table.enabled",
+                False,
+            )
         limit, nyquist = self.high_resolution_limit, 2 * self.optics_group.pixel_size
         if limit is not None and limit < nyquist:
             raise _Problem(
                 f"must be >= 2 × pixel_size ({nyquist:g} Å)", "high_resolution_limit", limit
             )
         return self
+
+    def table_settings(self) -> tuple[float, int] | None:
+        """``(cutoff, max_rows_per_task)`` when the correlation table is kept, else None."""
+        table, result = self.correlation_table, self.match_template_result
+        if table.enabled or (result is not None and result.correlation_table_path is not None):
+            return table.cutoff, table.max_rows_per_task
+        return None
 
     def micrograph_entries(self) -> list[MicrographEntry]:
         """The micrographs to search with their CTF values, ``phase_shift`` filled in.

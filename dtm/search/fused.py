@@ -95,6 +95,98 @@ def numba_update() -> Callable[..., None] | None:
     return fused
 
 
+@cache
+def numba_update_flagged() -> Callable[..., None] | None:
+    """:func:`numba_update` that also flags the rows holding a value above a cut-off.
+
+    ``f(cc, first_index, mip, best_index, total, total_sq, cutoff, flags)``: the same
+    statistics, bit for bit, and ``flags[k, i] = any(cc[k, i, :Wm] > cutoff)`` for the
+    ``(n, Hm)`` uint8 array ``flags`` (the correlation table, :mod:`dtm.search.table`, then
+    reads only the flagged rows). The flag is an OR reduction in the vectorised loop, which
+    costs next to nothing beside the memory traffic. ``None`` where :func:`numba_update` is.
+    """
+    if numba_update() is None:
+        return None
+    import numba  # noqa: PLC0415 (optional, compiled lazily)
+
+    signature = (
+        "void(float32[:, :, ::1], int64, float32[:, ::1], int64[:, ::1], float64[:, ::1], "
+        "float64[:, ::1], float32, uint8[:, ::1])"
+    )
+
+    @numba.njit(signature, cache=True, nogil=True, error_model="numpy")
+    def fused_flagged(
+        cc: Any, first: int, mip: Any, best: Any, total: Any, total_sq: Any, cutoff: Any, flags: Any
+    ) -> None:  # pragma: no cover (compiled)
+        height, width = mip.shape
+        for i in range(height):
+            m, b, s, s2 = mip[i], best[i], total[i], total_sq[i]
+            for k in range(cc.shape[0]):
+                row = cc[k, i]
+                index = first + k
+                hit = False
+                for j in range(width):
+                    v = row[j]
+                    better = v > m[j]
+                    m[j] = v if better else m[j]
+                    b[j] = index if better else b[j]
+                    w = np.float64(v)
+                    s[j] += w
+                    s2[j] += w * w
+                    hit = hit | (v > cutoff)
+                flags[k, i] = hit
+
+    return fused_flagged
+
+
+@cache
+def numba_flagged_values() -> Callable[..., int] | None:
+    """Compiled ``f(cc, width, ks, ys, cutoff, out_k, out_y, out_x, out_v) -> count``.
+
+    Scans the rows ``cc[ks[r], ys[r], :width]`` (C-contiguous ``cc`` of :func:`row_major`)
+    in order and writes each value above ``cutoff`` with its ``(k, y, x)`` to the output
+    arrays, as many as they hold; returns how many there are (which may exceed their
+    length: the caller then calls again with longer arrays). ``None`` without numba.
+    """
+    if numba_update() is None:
+        return None
+    import numba  # noqa: PLC0415 (optional, compiled lazily)
+
+    signature = (
+        "int64(float32[:, :, ::1], int64, int64[::1], int64[::1], float32, int64[::1], "
+        "int32[::1], int32[::1], float32[::1])"
+    )
+
+    @numba.njit(signature, cache=True, nogil=True, error_model="numpy")
+    def flagged_values(
+        cc: Any,
+        width: int,
+        ks: Any,
+        ys: Any,
+        cutoff: Any,
+        out_k: Any,
+        out_y: Any,
+        out_x: Any,
+        out_v: Any,
+    ) -> int:  # pragma: no cover (compiled)
+        count = 0
+        capacity = out_v.shape[0]
+        for r in range(ks.shape[0]):
+            row = cc[ks[r], ys[r]]
+            for j in range(width):
+                v = row[j]
+                if v > cutoff:
+                    if count < capacity:
+                        out_k[count] = ks[r]
+                        out_y[count] = ys[r]
+                        out_x[count] = j
+                        out_v[count] = v
+                    count += 1
+        return count
+
+    return flagged_values
+
+
 def row_major(correlations: np.ndarray) -> np.ndarray:
     """A C-contiguous ``(n, Hm, row)`` array whose ``[:, :, :Wm]`` is ``correlations``.
 

@@ -54,6 +54,7 @@ def search_graph(
     split_every: int,
     checkpoint_dir: Path | None,
     device: str = "cpu",
+    table: tuple[float, int] | None = None,
 ) -> Delayed:
     """The merge tree of one micrograph's search.
 
@@ -71,6 +72,9 @@ def search_graph(
     checkpoint_dir : Path or None
         Where first-level merges persist their result; existing files are loaded instead of
         recomputed.
+    table : (float, int) or None
+        ``(cutoff, max_rows)`` of the correlation table, passed to every correlate task
+        (the rows then travel with the statistics and their checkpoints).
 
     Returns
     -------
@@ -94,6 +98,7 @@ def search_graph(
                     space,
                     *chunks[i],
                     device,
+                    *(() if table is None else (table,)),
                     dask_key_name=(f"correlate-{key}", i),
                 )
                 for i in members

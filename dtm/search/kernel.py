@@ -29,7 +29,8 @@ from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import euler_to_matrix
 from dtm.search.fused import central_slices
 from dtm.search.prepare import ImageInputs
-from dtm.search.stats import PartialStats, update
+from dtm.search.stats import PartialStats, update, update_with_table
+from dtm.search.table import TableCollector
 
 #: Orientations projected together by default (amortises per-call overheads), at most
 #: ``PROJECTION_BYTES`` of box-sized projections (a 512³ template with 13 planes: 2).
@@ -154,7 +155,12 @@ def _gpu_batch_bytes() -> int:
 
 
 def _correlate_maps(
-    image: ImageInputs, projections: Any, stats: PartialStats, first_index: int, options: dict
+    image: ImageInputs,
+    projections: Any,
+    stats: PartialStats,
+    first_index: int,
+    options: dict,
+    table: TableCollector | None = None,
 ) -> None:
     """Correlate ``(m, h, w)`` projections with the micrograph and fold them into ``stats``.
 
@@ -163,7 +169,7 @@ def _correlate_maps(
     still sits in the first ``h`` rows of the padded array, so only those rows are
     transformed along x; after the inverse transform along y only the ``Hm`` rows of the
     map are transformed back along x. Both shifts stay inside the FFT size (no wrap-around:
-    ``fft_shape_for``).
+    ``fft_shape_for``). With ``table``, the correlations above its cut-off are kept too.
     """
     xp = get_xp(projections)
     fft = get_fft(xp)
@@ -174,7 +180,10 @@ def _correlate_maps(
     along_y = _cpu_layout(image, rows, options) if xp is np else _along_y_strided
     spectra = along_y(image, rows, options)
     maps = fft.irfft(spectra, n=fx, axis=-1, **options)
-    update(stats, maps[:, :, w - 1 : w - 1 + wm], first_index)
+    if table is None:
+        update(stats, maps[:, :, w - 1 : w - 1 + wm], first_index)
+    else:
+        update_with_table(stats, maps[:, :, w - 1 : w - 1 + wm], first_index, table)
 
 
 def _cpu_layout(image: ImageInputs, rows: np.ndarray, options: dict) -> Callable[..., Any]:
@@ -284,6 +293,8 @@ def correlate_chunk(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     fft_workers: int | None = 1,
+    table_cutoff: float | None = None,
+    max_table_rows: int = 1_000_000,
 ) -> PartialStats:
     """Partial statistics of a chunk of orientations × every defocus plane.
 
@@ -303,12 +314,18 @@ def correlate_chunk(
         their correlation maps are transformed in groups of :func:`maps_per_fft`.
     fft_workers : int or None
         Threads of scipy.fft (ignored on GPU).
+    table_cutoff : float or None
+        Also keep every correlation above this value (the correlation table,
+        :mod:`dtm.search.table`) in ``PartialStats.table``; ``None``: no table, no cost.
+    max_table_rows : int
+        More rows than this in the chunk raise :class:`~dtm.errors.ConfigError`.
 
     Returns
     -------
     PartialStats
         On the device of ``image``. The maximum and its index do not depend on
-        ``batch_size`` or on the FFT size; the sums agree to rounding.
+        ``batch_size`` or on the FFT size; the sums agree to rounding; the table's rows
+        are in search order and do not depend on either.
     """
     xp = get_xp(image.spectrum)
     if xp is np:
@@ -320,6 +337,15 @@ def correlate_chunk(
     batch_size = max(1, min(batch_size, PROJECTION_BYTES // (n_defocus * h * w * 4)))
     rotations = xp.asarray(euler_to_matrix(np.asarray(euler, dtype=np.float64)))
     stats = PartialStats.empty(image.out_shape, xp)
+    table = (
+        None
+        if table_cutoff is None
+        else TableCollector(
+            table_cutoff,
+            max_table_rows,
+            f"orientations {first_orientation}–{first_orientation + len(euler) - 1}",
+        )
+    )
     for start in range(0, len(euler), batch_size):
         stop = min(start + batch_size, len(euler))
         projections = filtered_projections(
@@ -329,6 +355,8 @@ def correlate_chunk(
         first = (first_orientation + start) * n_defocus
         for offset in range(0, projections.shape[0], group):
             _correlate_maps(
-                image, projections[offset : offset + group], stats, first + offset, options
+                image, projections[offset : offset + group], stats, first + offset, options, table
             )
+    if table is not None:
+        stats.table = table.rows()
     return stats

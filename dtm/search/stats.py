@@ -17,6 +17,7 @@ import numpy as np
 from dtm.backend import get_xp, to_numpy
 from dtm.search import fused
 from dtm.search.space import SearchSpace
+from dtm.search.table import TableCollector, TableRows
 
 MAP_NAMES = (
     "mip",
@@ -46,6 +47,9 @@ class PartialStats:
         ``(Hm, Wm)`` float64, sum of the squared correlations.
     count : int
         Number of correlations summed at every position.
+    table : TableRows or None
+        The correlations above the correlation table's cut-off, in search order; ``None``
+        when the search keeps no table.
     """
 
     mip: Any
@@ -53,6 +57,7 @@ class PartialStats:
     total: Any
     total_sq: Any
     count: int
+    table: TableRows | None = None
 
     @classmethod
     def empty(cls, shape: tuple[int, int], xp: Any = np) -> PartialStats:
@@ -73,11 +78,13 @@ class PartialStats:
             to_numpy(self.total),
             to_numpy(self.total_sq),
             self.count,
+            None if self.table is None else self.table.to_numpy(),
         )
 
     def save(self, path: str) -> None:
         """Write to an ``.npz`` file (callers make it atomic)."""
         host = self.to_numpy()
+        table = {} if host.table is None else host.table.arrays()
         with open(path, "wb") as f:
             np.savez(
                 f,
@@ -86,13 +93,24 @@ class PartialStats:
                 total=host.total,
                 total_sq=host.total_sq,
                 count=np.int64(host.count),
+                **{f"table_{name}": array for name, array in table.items()},
             )
 
     @classmethod
     def load(cls, path: str) -> PartialStats:
         with np.load(path) as data:
+            table = (
+                TableRows(*(data[f"table_{name}"] for name in TableRows.FIELDS))
+                if "table_global_index" in data.files
+                else None
+            )
             return cls(
-                data["mip"], data["best_index"], data["total"], data["total_sq"], int(data["count"])
+                data["mip"],
+                data["best_index"],
+                data["total"],
+                data["total_sq"],
+                int(data["count"]),
+                table,
             )
 
 
@@ -119,7 +137,7 @@ def update(stats: PartialStats, correlations: Any, first_index: int) -> None:
         if fused.cuda_update(correlations, int(first_index), *state):
             stats.count += int(correlations.shape[0])
             return
-    elif _numba_layout_ok(correlations, state):
+    elif numba_layout_ok(correlations, state):
         kernel = fused.numba_update()
         if kernel is not None:
             kernel(fused.row_major(correlations), int(first_index), *state)
@@ -128,7 +146,28 @@ def update(stats: PartialStats, correlations: Any, first_index: int) -> None:
     update_numpy(stats, correlations, first_index)
 
 
-def _numba_layout_ok(correlations: Any, state: tuple[Any, ...]) -> bool:
+def update_with_table(
+    stats: PartialStats, correlations: Any, first_index: int, table: TableCollector
+) -> None:
+    """:func:`update`, keeping the values above ``table``'s cut-off too.
+
+    The statistics are bit-identical to :func:`update`'s.
+    """
+    state = (stats.mip, stats.best_index, stats.total, stats.total_sq)
+    if get_xp(correlations) is np and numba_layout_ok(correlations, state):
+        kernel = fused.numba_update_flagged()
+        if kernel is not None:
+            flags = np.zeros(correlations.shape[:2], dtype=np.uint8)
+            rows = fused.row_major(correlations)
+            kernel(rows, int(first_index), *state, np.float32(table.cutoff), flags)
+            stats.count += int(correlations.shape[0])
+            table.add_flagged(correlations, flags, first_index)
+            return
+    update(stats, correlations, first_index)
+    table.add(correlations, stats.mip, first_index)
+
+
+def numba_layout_ok(correlations: Any, state: tuple[Any, ...]) -> bool:
     """Whether the arrays have the dtypes of the compiled CPU kernel's signature."""
     dtypes = (np.float32, np.int64, np.float64, np.float64)
     return (
@@ -164,15 +203,21 @@ def update_numpy(stats: PartialStats, correlations: Any, first_index: int) -> No
 
 
 def merge(a: PartialStats, b: PartialStats) -> PartialStats:
-    """Merge two partial statistics; ties in the maximum go to the lower search index."""
+    """Merge two partial statistics; ties in the maximum go to the lower search index.
+
+    Correlation-table rows are concatenated, ``a``'s first: merging parts in search order
+    keeps the rows in search order.
+    """
     xp = get_xp(a.mip, b.mip)
     take_b = (b.mip > a.mip) | ((b.mip == a.mip) & (b.best_index < a.best_index))
+    tables = [t for t in (a.table, b.table) if t is not None]
     return PartialStats(
         mip=xp.where(take_b, b.mip, a.mip),
         best_index=xp.where(take_b, b.best_index, a.best_index),
         total=a.total + b.total,
         total_sq=a.total_sq + b.total_sq,
         count=a.count + b.count,
+        table=TableRows.concat(tables) if tables else None,
     )
 
 

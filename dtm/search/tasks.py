@@ -112,11 +112,24 @@ def correlate(
     start: int,
     stop: int,
     device: str = "cpu",
+    table: tuple[float, int] | None = None,
 ) -> PartialStats:
-    """Partial statistics of orientations ``[start, stop)`` × every defocus plane."""
+    """Partial statistics of orientations ``[start, stop)`` × every defocus plane.
+
+    ``table``: ``(cutoff, max_rows)`` of the correlation table, whose rows then come
+    with the statistics (:mod:`dtm.search.table`); ``None``: no table.
+    """
     image = _to_device("image", image, device)
     template = _to_device("template", template, device)
-    stats = correlate_chunk(image, template, space.euler[start:stop], start).to_numpy()
+    cutoff, max_rows = (None, 0) if table is None else table
+    stats = correlate_chunk(
+        image,
+        template,
+        space.euler[start:stop],
+        start,
+        table_cutoff=cutoff,
+        max_table_rows=max_rows,
+    ).to_numpy()
     count_correlations((stop - start) * space.n_defocus)
     return stats
 
