@@ -329,6 +329,7 @@ def peaks_table(
     iy, ix = peaks[:, 0], peaks[:, 1]
     at = {"y": xr.DataArray(iy, dims="peak"), "x": xr.DataArray(ix, dims="peak")}
     picked = region[[*_MAPS, "defocus"]].isel(at).compute()
+    neg_log_p = values if picking.metric == "pvalue" else metric_map(maps, "pvalue", box, cutoff)
     if picking.merge_side_maxima and len(iy) > 1:
         distinct = _distinct(ds, picked, z[iy, ix], z_cutoff)
         picked, iy, ix = picked.isel(peak=distinct), iy[distinct], ix[distinct]
@@ -360,6 +361,7 @@ def peaks_table(
             n, float(attrs.get("original_pixel_size", pixel_size)), dtype=np.float64
         ),
         "detection_z": z[iy, ix].astype(np.float64),
+        "neg_log_pvalue": neg_log_p[iy, ix].astype(np.float64),
     }
     return coerce_peak_dtypes(pd.DataFrame({name: columns[name] for name in PEAK_COLUMNS}))
 

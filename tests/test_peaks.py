@@ -166,6 +166,7 @@ def test_columns_and_dtypes_are_the_seeds():
         "particle_index",
         "micrograph_pixel_size",
         "detection_z",
+        "neg_log_pvalue",
     ]
     table = peaks_table(make_results("m1", {(10, 12): 30.0, (50, 40): 25.0}))
     assert list(table.columns) == PEAK_COLUMNS
@@ -423,3 +424,31 @@ def test_repick_says_why_there_is_nothing_to_pick(tmp_path):
     (tmp_path / "job.json").write_text("{}")  # an interrupted search
     with pytest.raises(InputError, match=r"search has not finished .*--resume"):
         repick(tmp_path)
+
+
+def test_pvalue_and_gev_metrics_pick_by_their_own_maps_and_cutoffs(tmp_path):
+    from dtm.metrics import gev_cutoff, pvalue_map
+
+    ds = make_results("m", {(10, 12): 30.0, (50, 40): 25.0, (30, 30): 9.0}, seed=4)
+    p_values = pvalue_map(ds["mip"].values, ds["scaled_mip"].values)
+    table = peaks_table(ds, PeaksConfig(metric="pvalue", p_value_cutoff=8.0))
+    # Every pick passes -ln p > 8, its column is the map's value there, and every position
+    # of the map above 8 lies within the suppression radius of a pick.
+    picked = p_values[table["pos_y"], table["pos_x"]]
+    np.testing.assert_allclose(table["neg_log_pvalue"], picked)
+    assert (picked > 8.0).all() and len(table) >= 1
+    above = np.argwhere(p_values > 8.0)
+    distance = cKDTree(table[["pos_y", "pos_x"]].to_numpy()).query(above)[0]
+    assert (distance < default_min_distance(TEMPLATE)).all()
+
+    cutoff = gev_cutoff(ds["scaled_mip"].values.astype(np.float64), false_positives=1.0)
+    assert map_threshold(ds, PeaksConfig(metric="gev")) == cutoff
+    gev = peaks_table(ds, PeaksConfig(metric="gev"))
+    assert (gev["scaled_mip"] > cutoff).all()
+    expected = pick_peaks(ds["scaled_mip"].values, cutoff, min_distance=default_min_distance(16))
+    assert gev[["pos_y", "pos_x"]].values.tolist() == expected.tolist()
+    write_store(tmp_path / "results.zarr", [ds])
+    repick(tmp_path, PeaksConfig(metric="gev"))
+    assert threshold_summary(tmp_path) == (
+        f"z* of gev = {cutoff:.2f} (1 false positive per micrograph)"
+    )

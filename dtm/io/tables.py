@@ -3,10 +3,11 @@
 The columns are those the users asked for (``docs/outputs.md``, "The peak table"), in their order,
 followed by ``micrograph_name``, ``particle_index``, ``micrograph_pixel_size`` (the
 micrograph file's pixel size: ``pixel_size`` and the positions are at the cropped sampling
-of a search with ``high_resolution_limit``) and ``detection_z`` (the detection statistic,
-:mod:`dtm.detection`); :data:`PEAK_DTYPES` gives their types
-(ints ``int64``, floats ``float64``, text the pandas string type). Extra columns (e.g. the
-``refined_*`` columns of refine-template) are carried through unchanged.
+of a search with ``high_resolution_limit``), ``detection_z`` (the detection statistic,
+:mod:`dtm.detection`) and ``neg_log_pvalue`` (−ln p of :func:`dtm.metrics.pvalue_map`);
+:data:`PEAK_DTYPES` gives their types (ints ``int64``, floats ``float64``, text the
+pandas string type). Extra columns (e.g. the ``refined_*`` columns of refine-template)
+are carried through unchanged.
 
 STAR export (:func:`to_star`) follows RELION's conventions:
 
@@ -99,6 +100,7 @@ PEAK_DTYPES: dict[str, str] = {
     "particle_index": _INT,
     "micrograph_pixel_size": _FLOAT,
     "detection_z": _FLOAT,
+    "neg_log_pvalue": _FLOAT,
 }
 
 #: The ordered columns of a dtm peak table.
