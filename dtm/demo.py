@@ -8,7 +8,6 @@ planted particles: position and orientation errors per particle.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +18,7 @@ import yaml
 
 from dtm.config import load_match_config
 from dtm.errors import OutputError
+from dtm.io.atomic import remove_output
 from dtm.match import match_template
 from dtm.physics.rotations import euler_to_matrix, geodesic_angle
 from dtm.simulate import demo_dataset
@@ -156,7 +156,7 @@ def run_demo(
     if claim_directory(out):
         print(f"demo: replacing the earlier demo in {out}", file=stream)
         # Maps and peaks of the earlier data must not survive beside the new data.
-        shutil.rmtree(out / "results", ignore_errors=True)
+        remove_output(out / "results", out)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
     config_path.write_text(

@@ -33,6 +33,7 @@ import xarray as xr  # noqa: E402
 from scipy.special import log_ndtr  # noqa: E402
 
 from dtm.errors import OutputError  # noqa: E402
+from dtm.io.atomic import write_atomic  # noqa: E402
 from dtm.io.results import (  # noqa: E402
     PEAK_TABLES,
     MicrographResults,
@@ -40,6 +41,7 @@ from dtm.io.results import (  # noqa: E402
     output_directory,
     read_peaks,
 )
+from dtm.jobfile import record_output  # noqa: E402
 from dtm.peaks import map_threshold, read_picking, search_region, threshold_label  # noqa: E402
 
 #: Columns of the peak table shown in the report.
@@ -274,8 +276,9 @@ def write_report(
     # Without tables read_peaks picked with its default, one false positive per micrograph.
     picking = read_picking(results_dir) if source in PEAK_TABLES else {"false_positives": 1.0}
     directory = output_directory(results_dir)
+    in_output_dir = out is None and "://" not in directory
     if out is None:
-        out = Path(directory) / "report.html" if "://" not in directory else Path("report.html")
+        out = Path(directory) / "report.html" if in_output_dir else Path("report.html")
     sections = [
         _section(m, peaks[peaks["micrograph_name"] == m.name].reset_index(drop=True), picking)
         for m in micrographs
@@ -294,9 +297,14 @@ def write_report(
         + "</body></html>"
     )
     path = Path(out)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(page, encoding="utf-8")
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
+        write_atomic(path, write)
     except OSError as error:
         raise OutputError(f"{path}: cannot write the report ({error})") from None
+    if in_output_dir:  # an output of the run: a later --overwrite removes it with the rest
+        record_output(Path(directory), "report.html")
     return path
