@@ -9,6 +9,7 @@ an output directory holding results is never touched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -168,11 +169,10 @@ def check_output_dir(output_dir: Path) -> None:
     for path in candidates:
         if path.is_symlink():
             try:
-                target = f"to {path.resolve(strict=True)}"
-            except RuntimeError:
-                target = "a loop"
-            except OSError:
-                target = f"dangling, to {os.readlink(path)}"
+                target = f"to {os.path.realpath(path, strict=True)}"
+            except (OSError, RuntimeError) as exc:
+                loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
+                target = "a loop" if loop else f"dangling, to {os.readlink(path)}"
             where = "output_dir" if path == absolute else "output"
             raise OutputError(
                 f"{where} {path}: is a symbolic link ({target}); dtm writes only real "
