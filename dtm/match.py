@@ -149,7 +149,11 @@ def match_template(
         previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
         check_leopard_paths(config, overwrite or resume)
         check_inputs_not_outputs(output_dir, outputs, inputs)
-        earlier_job = read_job(output_dir) if overwrite else None
+        earlier_job = None
+        if overwrite:
+            # A damaged job file records nothing: its run's files are then only replaced.
+            with contextlib.suppress(DtmError):
+                earlier_job = read_job(output_dir)
         done = completed_micrographs(output_dir) if previous is not None else set()
         chunks = space.chunks(chunk_size)
         n_skipped = len(plans) - len(valid)
