@@ -240,17 +240,27 @@ def _remove_created(created: list[Path]) -> None:
             folder.rmdir()
 
 
-def check_inputs_not_outputs(output_dir: Path, outputs: list[str], inputs: list[Path]) -> None:
-    """Refuse a run whose outputs would replace one of its inputs."""
+def _protected(inputs: list[Path]) -> set[Path]:
+    """The real paths of the inputs and of every folder above them: removing or replacing
+    any of these would remove or replace an input."""
+    protected: set[Path] = set()
     for item in inputs:
         real = Path(os.path.realpath(item))
-        for relative in outputs:
+        protected.update([real, *real.parents])
+    return protected
+
+
+def check_inputs_not_outputs(output_dir: Path, outputs: list[str], inputs: list[Path]) -> None:
+    """Refuse a run whose outputs would replace one of its inputs."""
+    protected = _protected(inputs)
+    for relative in outputs:
+        if Path(os.path.realpath(output_dir / relative)) in protected:
             output = Path(os.path.realpath(output_dir / relative))
-            if real == output or real.is_relative_to(output):
-                raise OutputError(
-                    f"{item}: an input of this run lies where it writes {relative} in "
-                    f"output_dir {output_dir}; move it or choose another output_dir"
-                )
+            item = next(i for i in inputs if output in _protected([i]))
+            raise OutputError(
+                f"{item}: an input of this run lies where it writes {relative} in "
+                f"output_dir {output_dir}; move it or choose another output_dir"
+            )
 
 
 def recorded_outputs(job: dict[str, Any] | None) -> list[str]:
@@ -269,13 +279,12 @@ def clear_outputs(output_dir: Path, job: dict[str, Any] | None, inputs: list[Pat
     """Remove the files an earlier run recorded as its outputs (``--overwrite``), and
     nothing else: files it did not write survive, and an input of this run is never
     removed (nor a folder holding one). Folders left empty go too."""
-    real_inputs = [Path(os.path.realpath(item)) for item in inputs]
+    protected = _protected(inputs)
     for relative in recorded_outputs(job):
         if Path(relative).is_absolute() or ".." in Path(relative).parts:
             continue  # a damaged or hand-edited job file: never leave output_dir
         path = output_dir / relative
-        real = Path(os.path.realpath(path))
-        if any(item == real or item.is_relative_to(real) for item in real_inputs):
+        if Path(os.path.realpath(path)) in protected:
             continue
         if path.exists() or path.is_symlink():
             remove_output(path, output_dir)
