@@ -18,7 +18,7 @@ import yaml
 
 from dtm.config import load_match_config
 from dtm.errors import OutputError
-from dtm.io.atomic import remove_output
+from dtm.io.atomic import remove_output, write_atomic
 from dtm.match import match_template
 from dtm.physics.rotations import euler_to_matrix, geodesic_angle
 from dtm.simulate import demo_dataset
@@ -130,8 +130,16 @@ def claim_directory(out: Path) -> bool:
             "or replaces an earlier demo"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by dtm demo: a later dtm demo replaces it\n")
+    write_atomic(
+        out / DEMO_MARKER,
+        lambda tmp: _write_text(tmp, "written by dtm demo: a later dtm demo replaces it\n"),
+        root=out,
+    )
     return earlier
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 def _demo_config_in(out: Path) -> bool:
@@ -159,9 +167,8 @@ def run_demo(
         remove_output(out / "results", out)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
-    config_path.write_text(
-        yaml.safe_dump(demo_config(data, out / "results", base=out), sort_keys=False)
-    )
+    config_text = yaml.safe_dump(demo_config(data, out / "results", base=out), sort_keys=False)
+    write_atomic(config_path, lambda tmp: _write_text(tmp, config_text), root=out)
     print(
         f"demo: {len(data['particles'])} particles planted in {data['micrograph_path']}; "
         f"configuration in {config_path}",

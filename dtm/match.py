@@ -45,9 +45,11 @@ from dtm.plan import (
     MicrographPlan,
     Sampling,
     auto_chunk_size,
+    check_disk_space,
     check_leopard_paths,
     check_search_memory,
     check_search_size,
+    connected_worker_memory,
     dataset_attrs,
     fingerprint,
     resolve_device,
@@ -122,13 +124,15 @@ def match_template(
         plan.optics = replace(plan.optics, pixel_size=sampling.pixel_size)
     fft_shape = fft_shape_for(valid[0].image_shape, sampling.box, config.correlation_mode)
     largest = max(valid, key=lambda plan: plan.image_shape[0] * plan.image_shape[1])
-    check_search_memory(
+    check_memory = functools.partial(
+        check_search_memory,
         config,
         config.orientation_search_config.estimated_count(),
         fft_shape_for(largest.image_shape, sampling.box, config.correlation_mode),
         largest.image_shape,
-        worker_memory(config, scheduler_address),
     )
+    check_memory(worker_memory(config, scheduler_address))
+    check_disk_space(output_dir, [plan.image_shape for plan in valid])
     space = SearchSpace(
         euler=config.orientation_search_config.grid(),
         defocus=config.defocus_search_config.values(),
@@ -180,6 +184,7 @@ def match_template(
             n_workers=n_workers,
             device=run_device,
         ) as client:
+            check_memory(connected_worker_memory(client))  # the workers' own limits
             # Only now, with valid inputs and a cluster, may the earlier results go.
             if overwrite:
                 clear_outputs(output_dir, earlier_job, inputs)

@@ -92,6 +92,38 @@ def worker_memory(config: MatchConfig, scheduler_address: str | None) -> float |
     return None
 
 
+def connected_worker_memory(client: Any) -> float | None:
+    """The smallest memory limit of the workers connected to ``client`` (None: none set)."""
+    try:
+        workers = client.scheduler_info().get("workers", {})
+    except Exception:  # an unreachable scheduler fails later, with its own message
+        return None
+    limits = [float(w.get("memory_limit") or 0) for w in workers.values()]
+    limits = [limit for limit in limits if limit > 0]
+    return min(limits) if limits else None
+
+
+def check_disk_space(output_dir: Path, map_shapes: list[tuple[int, int]]) -> None:
+    """Refuse a run whose maps (eight float32 maps per micrograph, as ``.mrc`` and in
+    ``results.zarr``) would not fit in the free space of ``output_dir``'s file system."""
+    import shutil
+
+    needed = sum(2 * 8 * 4 * height * width for height, width in map_shapes)
+    existing = Path(output_dir).absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return
+    if needed > free:
+        raise ConfigError(
+            f"output_dir {output_dir}: the maps of {len(map_shapes)} micrograph(s) need about "
+            f"{_gib(needed)}, more than the {_gib(free)} free there; choose another output_dir "
+            "or search fewer micrographs per run"
+        )
+
+
 def check_search_memory(
     config: MatchConfig,
     n_orientations: float,
