@@ -25,7 +25,7 @@ from dask.delayed import Delayed
 from dtm.cluster import session, worker_threads
 from dtm.config import MatchConfig, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError
-from dtm.io.atomic import remove_output
+from dtm.io.atomic import check_inside, remove_output
 from dtm.io.mrc import read_template
 from dtm.io.store import open_results
 from dtm.jobfile import (
@@ -152,7 +152,8 @@ def match_template(
     with output_lock(output_dir):
         previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
         check_leopard_paths(config, overwrite or resume)
-        check_inputs_not_outputs(output_dir, outputs, inputs)
+        leopard = config.match_template_result.map_paths() if config.match_template_result else {}
+        check_inputs_not_outputs(output_dir, outputs + [str(p) for p in leopard.values()], inputs)
         earlier_job = None
         if overwrite:
             # A damaged job file records nothing: its run's files are then only replaced.
@@ -362,7 +363,7 @@ def _run(
 
 
 def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:
-    return output_dir / "checkpoints" / token(plan.name)
+    return check_inside(output_dir / "checkpoints" / token(plan.name), output_dir)
 
 
 def _micrograph_graph(

@@ -203,6 +203,16 @@ def test_an_input_where_the_run_writes_is_refused(data, tmp_path, capsys):
     assert (out / "peaks.csv").exists() and sorted(p.name for p in out.iterdir()) == ["peaks.csv"]
 
 
+def test_a_leopard_map_path_on_an_input_is_refused(data, tmp_path, capsys):
+    template = tmp_path / "template.mrc"
+    template.write_bytes(Path(data["template_path"]).read_bytes())
+    cfg = match_config(data["micrograph_path"], template, tmp_path / "out")
+    cfg["match_template_result"] = {"mip_path": str(template), "allow_file_overwrite": True}
+    config = write_config(tmp_path / "c.yaml", cfg)
+    _refused(["match", str(config), "--overwrite"], capsys, "an input of this run", "template")
+    assert template.read_bytes() == Path(data["template_path"]).read_bytes()
+
+
 # --- 7. one run per output_dir --------------------------------------------------------
 
 
