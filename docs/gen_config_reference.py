@@ -43,6 +43,18 @@ keys that the installed version accepts.
   are set to anything but their default, `dtm` prints a one-line `notice:` and ignores them
   (see [For Leopard-EM and cisTEM users](leopard-cistem.md)).
 - `null` in the *default* column means "not set"; the description says what happens then.
+- **The text is checked before the values**: a key given twice is an error naming both lines
+  (`config.yaml: duplicate key 'output_dir' at lines 3 and 41; keep one`); YAML aliases
+  (`*name`) are refused; a control character (newline, tab, NUL, ...) in any string or key,
+  in the file, a micrograph table or on the command line, is an error naming the field
+  (`config.yaml: cluster.account: control character \\n in a string`).
+- **Search size** is checked from the configuration before anything is allocated: more than
+  50 million orientations (`orientation_search_config.psi_step`, `theta_step`), more than
+  1,000 defocus planes (`defocus_search_config.defocus_step`), more than 10¹² correlations
+  in the whole run, a task that needs more memory than a worker has
+  (`cluster.memory_limit`, else this machine's memory for a local cluster), or an MRC file
+  whose header claims more data than the file holds or than memory allows, is a one-line
+  error saying how large it is and which key to change.
 
 Units: lengths in Å, angles in degrees, voltage in kV, spherical aberration in mm,
 frequencies in cycles/pixel, unless a description says otherwise.

@@ -179,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--output-dir", help="override output_dir of the configuration")
     mode = match.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    mode.add_argument("--overwrite", action="store_true", help="replace earlier results")
+    mode.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace earlier results (removes only the outputs its job.json records)",
+    )
     match.add_argument(
         "--strict",
         action="store_true",

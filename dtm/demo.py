@@ -8,7 +8,6 @@ planted particles: position and orientation errors per particle.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,6 +18,7 @@ import yaml
 
 from dtm.config import load_match_config
 from dtm.errors import OutputError
+from dtm.io.atomic import remove_output, write_atomic
 from dtm.match import match_template
 from dtm.physics.rotations import euler_to_matrix, geodesic_angle
 from dtm.simulate import demo_dataset
@@ -130,8 +130,16 @@ def claim_directory(out: Path) -> bool:
             "or replaces an earlier demo"
         )
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by dtm demo: a later dtm demo replaces it\n")
+    write_atomic(
+        out / DEMO_MARKER,
+        lambda tmp: _write_text(tmp, "written by dtm demo: a later dtm demo replaces it\n"),
+        root=out,
+    )
     return earlier
+
+
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
 
 
 def _demo_config_in(out: Path) -> bool:
@@ -156,12 +164,11 @@ def run_demo(
     if claim_directory(out):
         print(f"demo: replacing the earlier demo in {out}", file=stream)
         # Maps and peaks of the earlier data must not survive beside the new data.
-        shutil.rmtree(out / "results", ignore_errors=True)
+        remove_output(out / "results", out)
     data = demo_dataset(out / "data")
     config_path = out / "config.yaml"
-    config_path.write_text(
-        yaml.safe_dump(demo_config(data, out / "results", base=out), sort_keys=False)
-    )
+    config_text = yaml.safe_dump(demo_config(data, out / "results", base=out), sort_keys=False)
+    write_atomic(config_path, lambda tmp: _write_text(tmp, config_text), root=out)
     print(
         f"demo: {len(data['particles'])} particles planted in {data['micrograph_path']}; "
         f"configuration in {config_path}",

@@ -8,28 +8,32 @@ an output directory holding results is never touched.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dtm
 from dtm.errors import ConfigError, OutputError
-from dtm.io.store import write_json
+from dtm.io.atomic import remove_output
+from dtm.io.store import MRC_NAMES, write_json
 
 if TYPE_CHECKING:
     from dtm.plan import MicrographPlan
 
 JOB_FILE = "job.json"
-#: Files and folders of an output directory that belong to a dtm match run.
-RUN_OUTPUTS = (
-    "results.zarr",
-    "maps",
-    "checkpoints",
+#: The lock file that a ``dtm match`` run holds (``fcntl.flock``) in its output directory.
+LOCK_FILE = ".dtm-match.lock"
+#: Files of an output directory that every dtm match run writes (besides each micrograph's
+#: maps, results group and checkpoints: :func:`run_outputs`).
+FIXED_OUTPUTS = (
     JOB_FILE,
     "run.json",
     "peaks.csv",
@@ -37,8 +41,26 @@ RUN_OUTPUTS = (
     "peaks.star",
     "peaks.json",
     "correlation_table.parquet",
-    "report.html",  # dtm report's default, made from the results above
 )
+#: Folders of an output directory that dtm creates for the outputs inside them.
+OUTPUT_FOLDERS = ("results.zarr", "maps", "checkpoints")
+
+
+def run_outputs(names: list[str]) -> list[str]:
+    """Every path (relative to ``output_dir``) that a match run of these micrograph names
+    writes: recorded in ``job.json`` so that ``--overwrite`` removes exactly these."""
+    from dtm.search.graph import token  # noqa: PLC0415 (the search modules are heavier)
+
+    outputs = list(FIXED_OUTPUTS)
+    single = len(names) == 1
+    outputs += ["results.zarr"] if single else ["results.zarr/zarr.json"]
+    for name in names:
+        prefix = "" if single else f"{name}_"
+        outputs += [f"maps/{prefix}{file}" for file in MRC_NAMES.values()]
+        outputs.append(f"checkpoints/{token(name)}")
+        if not single:
+            outputs.append(f"results.zarr/{name}")
+    return outputs
 
 
 def file_digest(path: str | Path) -> str:
@@ -121,14 +143,155 @@ def prepare_output(
     return previous
 
 
-def clear_outputs(output_dir: Path) -> None:
-    """Remove the files of an earlier run (``--overwrite``), and nothing else."""
-    for name in RUN_OUTPUTS:
-        path = output_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output directory that is ``/`` or the home directory, or that is (or holds
+    as one of dtm's outputs) a symbolic link: checked before any cluster starts.
+
+    Raises
+    ------
+    OutputError
+        One line naming the path.
+    """
+    absolute = Path(os.path.abspath(output_dir))
+    home = Path(os.path.expanduser("~"))
+    for refused, what in (
+        (Path(absolute.anchor), "the root directory"),
+        (home, "your home directory"),
+    ):
+        if absolute == refused or os.path.realpath(absolute) == os.path.realpath(refused):
+            raise OutputError(
+                f"output_dir {output_dir}: is {what}; choose a directory for this run's results"
+            )
+    candidates = [absolute, absolute / LOCK_FILE]
+    candidates += [absolute / name for name in (*FIXED_OUTPUTS, *OUTPUT_FOLDERS, "report.html")]
+    for folder in OUTPUT_FOLDERS:
+        if (absolute / folder).is_dir() and not (absolute / folder).is_symlink():
+            candidates += sorted((absolute / folder).iterdir())
+    for path in candidates:
+        if path.is_symlink():
+            try:
+                target = f"to {os.path.realpath(path, strict=True)}"
+            except (OSError, RuntimeError) as exc:
+                loop = isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP
+                target = "a loop" if loop else f"dangling, to {os.readlink(path)}"
+            where = "output_dir" if path == absolute else "output"
+            raise OutputError(
+                f"{where} {path}: is a symbolic link ({target}); dtm writes only real "
+                "files and directories: remove the link or name its target"
+            )
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock (``fcntl.flock``) on ``output_dir`` for a run.
+
+    The directory is created if needed (and removed again if the run leaves it empty). The
+    lock dies with the process, so a killed run never leaves a stale lock behind.
+
+    Raises
+    ------
+    OutputError
+        Another process holds the lock: another ``dtm match`` runs on this directory.
+    """
+    output_dir = Path(output_dir)
+    check_writable(output_dir)
+    created = []
+    for folder in reversed([output_dir, *output_dir.parents]):
+        if not folder.exists():
+            created.append(folder)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output_dir {output_dir}: cannot create it ({exc.strerror})") from None
+    path = output_dir / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            _remove_created(created)
+            raise OutputError(
+                f"output_dir {output_dir}: another dtm match is running on it (it holds "
+                f"{path}); wait for it to finish or choose another output_dir"
+            ) from None
+        # The holder before us may have removed the file between our open and our lock:
+        # then we hold a lock on a file nobody else sees; take the one at the path.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding the lock: see the inode check above
+        os.close(fd)
+        _remove_created(created)
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the directories a failed run created, if it left them empty."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _protected(inputs: list[Path]) -> set[Path]:
+    """The real paths of the inputs and of every folder above them: removing or replacing
+    any of these would remove or replace an input."""
+    protected: set[Path] = set()
+    for item in inputs:
+        real = Path(os.path.realpath(item))
+        protected.update([real, *real.parents])
+    return protected
+
+
+def check_inputs_not_outputs(output_dir: Path, outputs: list[str], inputs: list[Path]) -> None:
+    """Refuse a run whose outputs would replace one of its inputs."""
+    protected = _protected(inputs)
+    for relative in outputs:
+        if Path(os.path.realpath(output_dir / relative)) in protected:
+            output = Path(os.path.realpath(output_dir / relative))
+            item = next(i for i in inputs if output in _protected([i]))
+            raise OutputError(
+                f"{item}: an input of this run lies where it writes {relative} in "
+                f"output_dir {output_dir}; move it or choose another output_dir"
+            )
+
+
+def recorded_outputs(job: dict[str, Any] | None) -> list[str]:
+    """The outputs an earlier run recorded in its ``job.json`` (for a job file written
+    before dtm recorded them: the outputs its micrographs' names imply)."""
+    if not job:
+        return []
+    outputs = job.get("outputs")
+    if isinstance(outputs, list):
+        return [str(item) for item in outputs]
+    names = list((job.get("fingerprint") or {}).get("micrographs") or {})
+    return run_outputs([str(name) for name in names]) if names else list(FIXED_OUTPUTS)
+
+
+def clear_outputs(output_dir: Path, job: dict[str, Any] | None, inputs: list[Path]) -> None:
+    """Remove the files an earlier run recorded as its outputs (``--overwrite``), and
+    nothing else: files it did not write survive, and an input of this run is never
+    removed (nor a folder holding one). Folders left empty go too."""
+    protected = _protected(inputs)
+    for relative in recorded_outputs(job):
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            continue  # a damaged or hand-edited job file: never leave output_dir
+        path = output_dir / relative
+        if Path(os.path.realpath(path)) in protected:
+            continue
+        if path.exists() or path.is_symlink():
+            remove_output(path, output_dir)
+    for folder in ("results.zarr", "maps", "checkpoints"):
+        with contextlib.suppress(OSError):
+            (output_dir / folder).rmdir()
 
 
 def read_job(output_dir: Path) -> dict[str, Any] | None:
@@ -145,8 +308,14 @@ def read_job(output_dir: Path) -> dict[str, Any] | None:
     return job
 
 
-def write_job(output_dir: Path, config: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-    """Record every parameter and the version of this run."""
+def write_job(
+    output_dir: Path,
+    config: dict[str, Any],
+    fingerprint: dict[str, Any],
+    outputs: list[str],
+) -> None:
+    """Record every parameter and the version of this run, and the outputs it will write
+    (paths relative to ``output_dir``, recorded before they are written)."""
     write_json(
         output_dir / JOB_FILE,
         {
@@ -154,8 +323,22 @@ def write_job(output_dir: Path, config: dict[str, Any], fingerprint: dict[str, A
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "config": config,
             "fingerprint": fingerprint,
+            "outputs": sorted(set(outputs)),
         },
     )
+
+
+def record_output(output_dir: Path, relative: str) -> None:
+    """Add one output to ``job.json`` of ``output_dir`` (if there is one), for a file that
+    a later command (``dtm report``) writes there."""
+    try:
+        job = read_job(output_dir)
+    except OutputError:
+        return
+    if job is None or relative in job.get("outputs", []):
+        return
+    job["outputs"] = sorted({*recorded_outputs(job), relative})
+    write_json(output_dir / JOB_FILE, job)
 
 
 def versions() -> dict[str, str]:

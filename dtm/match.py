@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -26,6 +25,7 @@ from dask.delayed import Delayed
 from dtm.cluster import session, worker_threads
 from dtm.config import MatchConfig, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError
+from dtm.io.atomic import check_inside, remove_output
 from dtm.io.correlation_table import (
     TABLE_DIR,
     count_rows,
@@ -36,10 +36,15 @@ from dtm.io.correlation_table import (
 from dtm.io.mrc import read_template
 from dtm.io.store import open_results
 from dtm.jobfile import (
+    check_inputs_not_outputs,
+    check_output_dir,
     clear_outputs,
     completed_micrographs,
+    output_lock,
     prepare_output,
     read_job,
+    recorded_outputs,
+    run_outputs,
     write_job,
     write_run_report,
 )
@@ -47,12 +52,17 @@ from dtm.plan import (
     MicrographPlan,
     Sampling,
     auto_chunk_size,
+    check_disk_space,
     check_leopard_paths,
+    check_search_memory,
+    check_search_size,
+    connected_worker_memory,
     dataset_attrs,
     fingerprint,
     resolve_device,
     sampling_for,
     validate_micrographs,
+    worker_memory,
 )
 from dtm.progress import Progress, format_duration
 from dtm.search import tasks
@@ -104,12 +114,9 @@ def match_template(
     start = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.perf_counter()
     output_dir = Path(config.output_dir)
+    check_search_size(config, len(config.micrograph_entries()))
     template = read_template(config.template_volume_path)
     plans = validate_micrographs(config, template, strict, out)
-    space = SearchSpace(
-        euler=config.orientation_search_config.grid(),
-        defocus=config.defocus_search_config.values(),
-    )
     valid = [p for p in plans if p.status != "failed"]
     if not valid:
         raise InputError("no micrograph could be read: see the lines above")
@@ -123,6 +130,20 @@ def match_template(
         plan.image_shape = cropped
         plan.optics = replace(plan.optics, pixel_size=sampling.pixel_size)
     fft_shape = fft_shape_for(valid[0].image_shape, sampling.box, config.correlation_mode)
+    largest = max(valid, key=lambda plan: plan.image_shape[0] * plan.image_shape[1])
+    check_memory = functools.partial(
+        check_search_memory,
+        config,
+        config.orientation_search_config.estimated_count(),
+        fft_shape_for(largest.image_shape, sampling.box, config.correlation_mode),
+        largest.image_shape,
+    )
+    check_memory(worker_memory(config, scheduler_address))
+    check_disk_space(output_dir, [plan.image_shape for plan in valid])
+    space = SearchSpace(
+        euler=config.orientation_search_config.grid(),
+        defocus=config.defocus_search_config.values(),
+    )
     run_device = resolve_device(config, device, out)
     earlier = read_job(output_dir) if resume else None
     # A resumed run keeps the earlier automatic chunking, whatever cluster it now runs on.
@@ -132,53 +153,74 @@ def match_template(
         or auto_chunk_size(space, fft_shape, run_device)
     )
     run_fingerprint = fingerprint(config, plans, chunk_size)
-    previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
-    check_leopard_paths(config, overwrite or resume)
-    done = completed_micrographs(output_dir) if previous is not None else set()
-
-    chunks = space.chunks(chunk_size)
-    n_skipped = len(plans) - len(valid)
-    skipped = f" ({n_skipped} skipped)" if n_skipped else ""
-    per_micrograph = f" ({len(chunks):,} per micrograph)" if len(valid) > 1 else ""
-    print(
-        f"search: {space.n_orientations:,} orientations × {space.n_defocus} defocus planes = "
-        f"{space.n_correlations:,} correlations per micrograph; {len(valid)} micrograph(s)"
-        f"{skipped}; {len(chunks) * len(valid):,} tasks{per_micrograph} of ≤ {chunk_size:,} "
-        "orientations each",
-        file=out,
-    )
-    if sampling.crop_pixel_size is not None:
+    outputs = run_outputs([plan.name for plan in plans])
+    inputs = run_inputs(config, plans)
+    check_output_dir(output_dir)
+    with output_lock(output_dir):
+        previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
+        check_leopard_paths(config, overwrite or resume)
+        leopard = config.match_template_result.map_paths() if config.match_template_result else {}
+        check_inputs_not_outputs(output_dir, outputs + [str(p) for p in leopard.values()], inputs)
+        earlier_job = None
+        if overwrite:
+            # A damaged job file records nothing: its run's files are then only replaced.
+            with contextlib.suppress(DtmError):
+                earlier_job = read_job(output_dir)
+        done = completed_micrographs(output_dir) if previous is not None else set()
+        chunks = space.chunks(chunk_size)
+        n_skipped = len(plans) - len(valid)
+        skipped = f" ({n_skipped} skipped)" if n_skipped else ""
+        per_micrograph = f" ({len(chunks):,} per micrograph)" if len(valid) > 1 else ""
         print(
-            f"high_resolution_limit {config.high_resolution_limit:g} Å: searching at "
-            f"{sampling.pixel_size:.4g} Å/pixel, template box {sampling.box[0]}",
+            f"search: {space.n_orientations:,} orientations × {space.n_defocus} defocus planes "
+            f"= {space.n_correlations:,} correlations per micrograph; {len(valid)} "
+            f"micrograph(s){skipped}; {len(chunks) * len(valid):,} tasks{per_micrograph} of "
+            f"≤ {chunk_size:,} orientations each",
             file=out,
         )
-    with session(
-        client,
-        config.cluster,
-        out=out,
-        scheduler_address=scheduler_address,
-        n_workers=n_workers,
-        device=run_device,
-    ) as client:
-        # Only now, with valid inputs and a cluster, may the earlier results go.
-        if overwrite:
-            clear_outputs(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_job(output_dir, config_to_dict(config), run_fingerprint)
-        run_token = token(f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}")
-        search = _Search(config, sampling, space, chunks, output_dir, start, run_device, run_token)
-        tasks_run, n_searched = _run(client, search, plans, done, out)
-        if config.table_settings() is not None:
-            _report_table(config, output_dir, out)
-        # A resumed run that had nothing left to search keeps the peaks picked earlier
-        # (perhaps re-picked with `dtm peaks`).
-        if n_searched or not (output_dir / "peaks.csv").exists():
-            _write_peaks(config, output_dir, out)
-        else:
-            print("peaks: peaks.csv kept (nothing was searched; re-pick with dtm peaks)", file=out)
-    wall = time.perf_counter() - t0
-    write_run_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
+        if sampling.crop_pixel_size is not None:
+            print(
+                f"high_resolution_limit {config.high_resolution_limit:g} Å: searching at "
+                f"{sampling.pixel_size:.4g} Å/pixel, template box {sampling.box[0]}",
+                file=out,
+            )
+        with session(
+            client,
+            config.cluster,
+            out=out,
+            scheduler_address=scheduler_address,
+            n_workers=n_workers,
+            device=run_device,
+        ) as client:
+            check_memory(connected_worker_memory(client))  # the workers' own limits
+            # Only now, with valid inputs and a cluster, may the earlier results go.
+            if overwrite:
+                clear_outputs(output_dir, earlier_job, inputs)
+            # Outputs are recorded before they are written: --overwrite removes them later.
+            earlier_outputs = recorded_outputs(previous) if previous is not None else []
+            write_job(
+                output_dir, config_to_dict(config), run_fingerprint, earlier_outputs + outputs
+            )
+            run_token = token(
+                f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}"
+            )
+            search = _Search(
+                config, sampling, space, chunks, output_dir, start, run_device, run_token
+            )
+            tasks_run, n_searched = _run(client, search, plans, done, out)
+            if config.table_settings() is not None:
+                _report_table(config, output_dir, out)
+            # A resumed run that had nothing left to search keeps the peaks picked earlier
+            # (perhaps re-picked with `dtm peaks`).
+            if n_searched or not (output_dir / "peaks.csv").exists():
+                _write_peaks(config, output_dir, out)
+            else:
+                print(
+                    "peaks: peaks.csv kept (nothing was searched; re-pick with dtm peaks)",
+                    file=out,
+                )
+        wall = time.perf_counter() - t0
+        write_run_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
     # Only the correlations computed by this run: restored checkpoints cost nothing.
     computed = tasks_run * space.n_correlations / len(chunks)
     speed = (
@@ -196,6 +238,17 @@ def match_template(
         print(f"{len(failed)} micrograph(s) skipped: see {output_dir / 'run.json'}", file=out)
     results = open_results(output_dir)
     return next(iter(results.values())) if len(plans) == 1 else results
+
+
+def run_inputs(config: MatchConfig, plans: list[MicrographPlan]) -> list[Path]:
+    """The files a run reads: never replaced or removed by it."""
+    inputs = [Path(config.template_volume_path)]
+    inputs += [Path(plan.entry.micrograph_path) for plan in plans]
+    if config.micrograph_table is not None:
+        inputs.append(Path(config.micrograph_table))
+    if config.source_path is not None:
+        inputs.append(config.source_path)
+    return inputs
 
 
 #: Correlate tasks in flight per worker thread: enough queued that no worker waits while a
@@ -310,7 +363,7 @@ def _run(
             write_run_report(output_dir, plans, None)
             # Only once run.json says the micrograph is done may its checkpoints go.
             if plan.status == "done":
-                shutil.rmtree(_checkpoints(output_dir, plan), ignore_errors=True)
+                remove_output(_checkpoints(output_dir, plan), output_dir)
             future.release()  # lets the scheduler forget this micrograph's graph
             submit()
     with contextlib.suppress(OSError):  # kept while a micrograph still has checkpoints
@@ -319,7 +372,7 @@ def _run(
 
 
 def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:
-    return output_dir / "checkpoints" / token(plan.name)
+    return check_inside(output_dir / "checkpoints" / token(plan.name), output_dir)
 
 
 def _micrograph_graph(

@@ -26,6 +26,139 @@ TARGET_TASK_WORK = 2.5e8
 MIN_TASKS = 32
 
 
+#: Most orientations in one search (the orientation table alone takes 24 bytes each; a
+#: full C1 search at 1.5°/2.5° has 1.6 million).
+MAX_ORIENTATIONS = 50_000_000
+#: Most relative defocus planes (a full search has 11 to 13).
+MAX_DEFOCUS_PLANES = 1000
+#: Most correlations of a whole run, over all micrographs (10¹² is about 20 years of one
+#: H100 at 1,650 correlations/s).
+MAX_CORRELATIONS = 1e12
+#: Bytes per map position that a task and the merge tree hold: the statistics (mip,
+#: argmax, Σ, Σ²: 28 bytes) of the task and of up to ``split_every`` inputs of a merge.
+_STATS_BYTES = 28
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def check_search_size(config: MatchConfig, n_micrographs: int) -> None:
+    """Refuse a search too large to run, from the configuration alone (nothing allocated).
+
+    Raises
+    ------
+    ConfigError
+        One line: how large the search is, the limit, and which key to change.
+    """
+    grid = "orientation_search_config"
+    n_orientations = config.orientation_search_config.estimated_count()
+    if n_orientations > MAX_ORIENTATIONS:
+        raise ConfigError(
+            f"{grid}: about {n_orientations:.3g} orientations, more than the limit of "
+            f"{MAX_ORIENTATIONS:,}; increase {grid}.psi_step or theta_step"
+        )
+    n_defocus = config.defocus_search_config.count()
+    if n_defocus > MAX_DEFOCUS_PLANES:
+        raise ConfigError(
+            f"defocus_search_config: {n_defocus:.3g} defocus planes, more than the limit of "
+            f"{MAX_DEFOCUS_PLANES:,}; increase defocus_search_config.defocus_step"
+        )
+    total = n_orientations * n_defocus * n_micrographs
+    if total > MAX_CORRELATIONS:
+        raise ConfigError(
+            f"search: about {total:.3g} correlations ({n_orientations:.3g} orientations × "
+            f"{n_defocus} defocus planes × {n_micrographs} micrographs), more than the limit "
+            f"of {MAX_CORRELATIONS:.0e}; increase {grid}.psi_step or theta_step or "
+            "defocus_search_config.defocus_step, or search fewer micrographs per run"
+        )
+
+
+def worker_memory(config: MatchConfig, scheduler_address: str | None) -> float | None:
+    """Bytes of memory one worker may use, where it is known before the cluster starts:
+    ``cluster.memory_limit`` or ``memory``, else this machine's for a local cluster."""
+    from dask.utils import parse_bytes
+    from distributed.system import MEMORY_LIMIT
+
+    cluster = config.cluster
+    given = cluster.memory_limit or cluster.memory
+    if given:
+        try:
+            return float(parse_bytes(given))
+        except (ValueError, TypeError):
+            return None
+    if scheduler_address is None and cluster.kind in ("local", "gpu-local"):
+        return float(MEMORY_LIMIT)
+    return None
+
+
+def connected_worker_memory(client: Any) -> float | None:
+    """The smallest memory limit of the workers connected to ``client`` (None: none set)."""
+    try:
+        workers = client.scheduler_info().get("workers", {})
+    except Exception:  # an unreachable scheduler fails later, with its own message
+        return None
+    limits = [float(w.get("memory_limit") or 0) for w in workers.values()]
+    limits = [limit for limit in limits if limit > 0]
+    return min(limits) if limits else None
+
+
+def check_disk_space(output_dir: Path, map_shapes: list[tuple[int, int]]) -> None:
+    """Refuse a run whose maps (eight float32 maps per micrograph, as ``.mrc`` and in
+    ``results.zarr``) would not fit in the free space of ``output_dir``'s file system."""
+    import shutil
+
+    needed = sum(2 * 8 * 4 * height * width for height, width in map_shapes)
+    existing = Path(output_dir).absolute()
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return
+    if needed > free:
+        raise ConfigError(
+            f"output_dir {output_dir}: the maps of {len(map_shapes)} micrograph(s) need about "
+            f"{_gib(needed)}, more than the {_gib(free)} free there; choose another output_dir "
+            "or search fewer micrographs per run"
+        )
+
+
+def check_search_memory(
+    config: MatchConfig,
+    n_orientations: float,
+    fft_shape: tuple[int, int],
+    map_shape: tuple[int, int],
+    memory: float | None,
+) -> None:
+    """Refuse a search whose tasks cannot fit in a worker's ``memory`` (bytes; None:
+    unknown, not checked) or whose orientation table cannot fit in this machine's."""
+    from distributed.system import MEMORY_LIMIT
+
+    n_defocus = config.defocus_search_config.count()
+    spectrum = fft_shape[0] * (fft_shape[1] // 2 + 1)
+    positions = map_shape[0] * map_shape[1]
+    per_task = (
+        spectrum * (8 + 4 * n_defocus)  # image spectrum, one filter per defocus plane
+        + n_defocus * fft_shape[0] * fft_shape[1] * 4  # one orientation's correlations
+        + _STATS_BYTES * positions * (config.cluster.split_every + 1)
+    )
+    if memory is not None and per_task > memory:
+        raise ConfigError(
+            f"search: a task needs about {_gib(per_task)} ({n_defocus} defocus planes of "
+            f"{fft_shape[0]}×{fft_shape[1]} pixels), more than a worker's {_gib(memory)}; "
+            "increase defocus_search_config.defocus_step, or give the workers more memory "
+            "(cluster.memory_limit)"
+        )
+    table = 24 * n_orientations
+    if table > MEMORY_LIMIT:
+        raise ConfigError(
+            f"orientation_search_config: the table of {n_orientations:.3g} orientations "
+            f"needs {_gib(table)}, more than this machine's {_gib(MEMORY_LIMIT)}; increase "
+            "orientation_search_config.psi_step or theta_step"
+        )
+
+
 @dataclass
 class MicrographPlan:
     """One micrograph of a run and its fate."""

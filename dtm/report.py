@@ -34,6 +34,7 @@ from scipy.special import log_ndtr  # noqa: E402
 
 from dtm.config.match import PeaksConfig  # noqa: E402
 from dtm.errors import OutputError  # noqa: E402
+from dtm.io.atomic import write_atomic  # noqa: E402
 from dtm.io.results import (  # noqa: E402
     PEAK_TABLES,
     MicrographResults,
@@ -41,6 +42,7 @@ from dtm.io.results import (  # noqa: E402
     output_directory,
     read_peaks,
 )
+from dtm.jobfile import record_output  # noqa: E402
 from dtm.peaks import (  # noqa: E402
     map_threshold,
     picking_of,
@@ -286,8 +288,9 @@ def write_report(
     default = {"options": PeaksConfig().model_dump(mode="json"), "thresholds": {}}
     picking = read_picking(results_dir) if source in PEAK_TABLES else default
     directory = output_directory(results_dir)
+    in_output_dir = out is None and "://" not in directory
     if out is None:
-        out = Path(directory) / "report.html" if "://" not in directory else Path("report.html")
+        out = Path(directory) / "report.html" if in_output_dir else Path("report.html")
     sections = [
         _section(m, peaks[peaks["micrograph_name"] == m.name].reset_index(drop=True), picking)
         for m in micrographs
@@ -306,9 +309,14 @@ def write_report(
         + "</body></html>"
     )
     path = Path(out)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(page, encoding="utf-8")
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(page, encoding="utf-8")
+        write_atomic(path, write)
     except OSError as error:
         raise OutputError(f"{path}: cannot write the report ({error})") from None
+    if in_output_dir:  # an output of the run: a later --overwrite removes it with the rest
+        record_output(Path(directory), "report.html")
     return path

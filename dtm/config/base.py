@@ -11,7 +11,15 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import pydantic
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+)
 
 from dtm.errors import ConfigError
 
@@ -63,6 +71,12 @@ class _Model(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
     leopard_unused: ClassVar[tuple[str, ...]] = ()
+    _source_path: Path | None = PrivateAttr(None)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The YAML file this configuration was loaded from (None if built in code)."""
+        return self._source_path
 
 
 def _notices(model: BaseModel, prefix: str = "") -> list[str]:
@@ -198,11 +212,88 @@ _PATH_KEYS = frozenset(
 )
 
 
+class _YamlRefused(Exception):
+    """A construct dtm refuses in configuration files (a duplicate key, an alias)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (the last would win silently) and
+    aliases (``*name``: nested ones expand a few hundred bytes into gigabytes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _YamlRefused(
+                f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                "allowed in dtm configuration files; write the values out"
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the constructor reports it
+                    continue
+                if first is not None:
+                    raise _YamlRefused(
+                        f"duplicate key {_show(key)} at lines {first} and {line}; keep one"
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+#: Characters refused in every string of a configuration: C0 and C1 control characters
+#: (newline, tab, NUL, escape, ...) and the Unicode line and paragraph separators.
+_CONTROL = frozenset(
+    [chr(code) for code in range(0x20)] + [chr(code) for code in range(0x7F, 0xA0)]
+) | {"\u2028", "\u2029"}
+
+
+def control_character(text: str) -> str | None:
+    """The first control character in ``text`` (as Python writes it), or None."""
+    for char in text:
+        if char in _CONTROL:
+            return repr(char)[1:-1]
+    return None
+
+
+def check_strings(data: Any, source: str, where: str = "") -> None:
+    """Raise :class:`ConfigError` naming the field of the first string (key or value)
+    in ``data`` that holds a control character."""
+    items: Any = ()
+    if isinstance(data, dict):
+        items = data.items()
+    elif isinstance(data, list):
+        items = enumerate(data)
+    elif isinstance(data, str):
+        char = control_character(data)
+        if char is not None:
+            raise ConfigError(
+                f"{source}: {where or 'value'}: control character {char} in a string "
+                f"(got {_show(data)})"
+            )
+    for key, value in items:
+        dotted = f"{where}.{key}" if where else str(key)
+        if isinstance(key, str) and control_character(key) is not None:
+            raise ConfigError(
+                f"{source}: {where or 'top level'}: control character "
+                f"{control_character(key)} in a key (got {_show(key)})"
+            )
+        check_strings(value, source, dotted)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (safe loader)
+    except _YamlRefused as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -213,6 +304,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: the top level must be a mapping of settings (got {_show(data)})"
         )
+    check_strings(data, str(path))
     return data
 
 
@@ -236,9 +328,12 @@ def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
 def _load(model: type[Any], path: str | Path, overrides: dict[str, Any] | None) -> Any:
     path, overrides = Path(path), overrides or {}
     data = _read_yaml(path)
+    check_strings(overrides, "command line")
     _apply_overrides(data, overrides)
     try:
-        return model.model_validate(data, context={"base_dir": path.parent.absolute()})
+        config = model.model_validate(data, context={"base_dir": path.parent.absolute()})
+        config._source_path = path.absolute()
+        return config
     except pydantic.ValidationError as err:
         line = format_validation_error(err, str(path)).removeprefix(f"{path}: ")
         field = line.split(":")[0]

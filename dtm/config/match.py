@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import pydantic
 from pydantic import Field, model_validator
 
 from dtm.config.base import (
@@ -18,6 +19,7 @@ from dtm.config.base import (
     _notices,
     _Problem,
     _show,
+    format_validation_error,
 )
 from dtm.config.compute import ClusterConfig, ComputationalConfig
 from dtm.config.filters import PreprocessingFilters
@@ -28,6 +30,7 @@ from dtm.config.search import (
     OrientationConfig,
     OrientationSearchConfig,
 )
+from dtm.errors import ConfigError
 
 
 class MatchTemplateResult(_Model):
@@ -212,8 +215,8 @@ class MatchConfig(_Model):
         """
         optics = self.optics_group
         if self.micrograph_path is not None:
-            entries = [
-                MicrographEntry.model_validate(
+            try:
+                entry = MicrographEntry.model_validate(
                     {
                         "micrograph_path": self.micrograph_path,
                         "defocus_u": optics.defocus_u,
@@ -221,7 +224,10 @@ class MatchConfig(_Model):
                         "astigmatism_angle": optics.astigmatism_angle,
                     }
                 )
-            ]
+            except pydantic.ValidationError as err:
+                line = format_validation_error(err, f"micrograph_path {self.micrograph_path}")
+                raise ConfigError(line.replace(": name: ", ": ", 1)) from None
+            entries = [entry]
         elif self.micrographs is not None:
             entries = self.micrographs
         else:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
 import pydantic
 from pydantic import model_validator
 
-from dtm.config.base import InputFile, _Model, format_validation_error
+from dtm.config.base import InputFile, _Model, _Problem, check_strings, format_validation_error
 from dtm.errors import ConfigError
 
 
@@ -31,8 +32,42 @@ class MicrographEntry(_Model):
     @model_validator(mode="after")
     def _default_name(self) -> MicrographEntry:
         if not self.name:
-            self.name = self.micrograph_path.stem
+            stem = self.micrograph_path.stem
+            problem = name_problem(stem)
+            if problem is not None:
+                raise _Problem(
+                    f"{problem}; it comes from the file name: rename the file, or give a "
+                    "name in a micrographs entry or table",
+                    "name",
+                    stem,
+                )
+            self.name = stem
+        else:
+            problem = name_problem(self.name)
+            if problem is not None:
+                raise _Problem(problem, "name", self.name)
         return self
+
+
+#: Longest micrograph name: names become file names (``maps/NAME_mip.mrc``), zarr groups
+#: and table cells.
+MAX_NAME_LENGTH = 100
+_NAME = re.compile(r"[A-Za-z0-9_+\-][A-Za-z0-9_.+\-]*")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a micrograph, or None for a plain token: ASCII letters,
+    digits and ``_ . + -``, not starting with ``.``, at most :data:`MAX_NAME_LENGTH`
+    characters (it becomes a file name and a zarr group inside ``output_dir``)."""
+    if not name:
+        return "empty micrograph name"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"micrograph name longer than {MAX_NAME_LENGTH} characters"
+    if not _NAME.fullmatch(name):
+        return (
+            "a micrograph name may hold only letters, digits and _ . + - and may not start with ."
+        )
+    return None
 
 
 def _duplicate_name(entries: list[MicrographEntry]) -> tuple[int, int] | None:
@@ -114,6 +149,7 @@ def load_micrograph_table(path: str | Path) -> list[MicrographEntry]:
             for name, column in columns.items()
             if not pd.isna(record[column])
         }
+        check_strings(data, f"{path}: row {row}")
         try:
             entries.append(MicrographEntry.model_validate(data, context={"base_dir": path.parent}))
         except pydantic.ValidationError as err:

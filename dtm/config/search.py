@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any, Literal
 
@@ -98,6 +99,13 @@ class DefocusSearchConfig(_Model):
     """Do not insert the relative defocus 0 when it is not on the grid."""
     _check_range = _ordered("defocus_min", "defocus_max")
 
+    def count(self) -> int:
+        """Number of planes :meth:`values` gives, computed without making them."""
+        if not self.enabled:
+            return 1
+        span = (self.defocus_max - self.defocus_min) / self.defocus_step
+        return int(math.floor(span + 1e-6)) + 2  # at most one inserted 0
+
     def values(self) -> np.ndarray:
         """Relative defocus values, Å, ascending, shape ``(n_defocus,)``, float64.
 
@@ -166,6 +174,25 @@ class OrientationSearchConfig(_Model):
             )
         return self
 
+    def estimated_count(self) -> float:
+        """About how many orientations :meth:`grid` gives (within a few percent for fine
+        grids, never far below), computed without making them: the directions cover the
+        solid angle of the φ and θ ranges at one per θ-step² (plus one per θ ring)."""
+        from dtm.search.orientations import symmetry_ranges
+
+        phi_limit, theta_limit = symmetry_ranges(self.symmetry)
+        phi = (self.phi_max if self.phi_max is not None else phi_limit) - (self.phi_min or 0.0)
+        theta_min = self.theta_min or 0.0
+        theta_max = self.theta_max if self.theta_max is not None else theta_limit
+        psi = (self.psi_max if self.psi_max is not None else 360.0) - (self.psi_min or 0.0)
+        step = math.radians(self.theta_step)
+        area = math.radians(max(phi, 0.0)) * (
+            math.cos(math.radians(theta_min)) - math.cos(math.radians(theta_max))
+        )
+        rings = (theta_max - theta_min) / self.theta_step + 1
+        directions = area / step**2 * (1.2 if self.base_grid_method == "healpix" else 1.0)
+        return (directions + rings) * math.ceil(max(psi, 0.0) / self.psi_step)
+
     def grid(self) -> np.ndarray:
         """Euler angles of the grid, shape ``(n, 3)``, columns ``(phi, theta, psi)``, degrees."""
         from dtm.search.orientations import orientation_grid
@@ -189,6 +216,10 @@ class MultipleOrientationConfig(_Model):
 
     orientation_configs: Annotated[list[OrientationSearchConfig], Field(min_length=1)]
     """The grids; their orientations are concatenated in this order."""
+
+    def estimated_count(self) -> float:
+        """About how many orientations :meth:`grid` gives, without making them."""
+        return sum(config.estimated_count() for config in self.orientation_configs)
 
     def grid(self) -> np.ndarray:
         """Concatenated Euler angles of all grids, shape ``(n, 3)``, degrees."""

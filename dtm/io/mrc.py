@@ -58,16 +58,58 @@ def _read(path: str | os.PathLike[str], kind: str) -> tuple[np.ndarray, tuple[fl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
+            _check_header(path, kind)
             with mrcfile.open(path, mode="r", permissive=False) as mrc:
                 data = np.array(mrc.data)
                 voxel = mrc.voxel_size
                 voxel_size = (float(voxel.x), float(voxel.y), float(voxel.z))
+    except InputError:
+        raise
     except (ValueError, RuntimeWarning, OSError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InputError(f"{kind} {path}: not a readable MRC file ({reason})") from error
     if np.iscomplexobj(data):
         raise InputError(f"{kind} {path}: complex MRC mode, expected real values")
     return data, voxel_size, path
+
+
+def _check_header(path: Path, kind: str) -> None:
+    """Compare the data size the header claims with the file's size and with the memory
+    of this machine, before any data are read.
+
+    Raises
+    ------
+    InputError
+        The file is shorter than its header says, or its data (read and converted to
+        float32) would not fit in memory.
+    """
+    from distributed.system import MEMORY_LIMIT
+
+    with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+        header = mrc.header
+        shape = (int(header.nz), int(header.ny), int(header.nx))
+        try:
+            itemsize = mrcfile.utils.dtype_from_mode(header.mode).itemsize
+        except ValueError as error:
+            raise InputError(f"{kind} {path}: not a readable MRC file ({error})") from None
+        extended = int(header.nsymbt)
+    if min(shape) < 0:
+        raise InputError(f"{kind} {path}: negative dimensions {shape[::-1]} in the header")
+    count = shape[0] * shape[1] * shape[2]
+    claimed = 1024 + extended + count * itemsize
+    size = path.stat().st_size
+    if claimed > size:
+        raise InputError(
+            f"{kind} {path}: the header claims {claimed:,} bytes ({shape[2]}×{shape[1]}×"
+            f"{shape[0]} values), the file holds {size:,} (truncated or corrupt)"
+        )
+    needed = count * (itemsize + 4)  # the data as stored and as float32
+    if needed > MEMORY_LIMIT:
+        raise InputError(
+            f"{kind} {path}: {shape[2]}×{shape[1]}×{shape[0]} values need "
+            f"{needed / 2**30:,.1f} GiB to read, more than this machine's "
+            f"{MEMORY_LIMIT / 2**30:,.1f} GiB"
+        )
 
 
 def _check_values(data: np.ndarray, kind: str, path: Path) -> np.ndarray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import xarray as xr
 import zarr
 
 from dtm.errors import InputError
-from dtm.io.atomic import write_atomic
+from dtm.io.atomic import check_inside, replace_atomic, temporary_name, write_atomic
 from dtm.io.mrc import write_map
 from dtm.io.pyramid import PYRAMID_MAPS, write_pyramid
 
@@ -110,20 +109,20 @@ def write_dataset(
     }
     encoding = {name: {"chunks": (chunks["y"], chunks["x"])} for name in dataset.data_vars}
     final = store if group is None else store / group
+    check_inside(final, store)  # a group name such as ../x never leaves the store
     final.parent.mkdir(parents=True, exist_ok=True)
     if group is not None and not (store / "zarr.json").exists():
         zarr.open_group(str(store), mode="a")
+
+    def write(tmp: str) -> None:
+        dataset.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
+        maps = {name: dataset[name].values for name in PYRAMID_MAPS if name in dataset}
+        if pyramid and maps:
+            write_pyramid(Path(tmp), None, maps)
+
     # Written outside the store (same file system) so that a half-written group is never
-    # listed as a micrograph of the store.
-    tmp = store.parent / f".{store.name}.{group or 'root'}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    dataset.to_zarr(str(tmp), mode="w", consolidated=False, encoding=encoding)
-    maps = {name: dataset[name].values for name in PYRAMID_MAPS if name in dataset}
-    if pyramid and maps:
-        write_pyramid(tmp, None, maps)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # listed as a micrograph of the store; the old group stays until the new one is whole.
+    replace_atomic(final, write, temporary=temporary_name(store.parent / f"{store.name}-{group}"))
 
 
 def export_maps(
@@ -143,10 +142,11 @@ def export_maps(
     """
     paths = {}
     for name, data in maps.items():
-        path = directory / f"{prefix}{MRC_NAMES[name]}"
+        path = check_inside(directory / f"{prefix}{MRC_NAMES[name]}", directory)
         write_map(path, data, pixel_size=pixel_size)
         paths[name] = str(path)
         if extra_paths and extra_paths.get(name):
+            # The user named this path (Leopard-EM's match_template_result): its own root.
             write_map(Path(extra_paths[name]), data, pixel_size=pixel_size)
     return paths
 

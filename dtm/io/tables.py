@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ import pandas as pd
 import starfile
 
 from dtm.errors import InputError, OutputError
+from dtm.io.atomic import check_inside, flush_to_disk, move_into_place, temporary_name
 
 _FLOAT = "float64"
 _INT = "int64"
@@ -245,17 +245,6 @@ def read_star(path: str | os.PathLike[str]) -> pd.DataFrame:
     return coerce_peak_dtypes(table, source=str(path))
 
 
-def _replace(temporary: Path, final: Path) -> None:
-    """Move ``temporary`` onto ``final`` (a file or a directory), replacing it."""
-    if final.is_dir() and not final.is_symlink():
-        backup = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
-        os.replace(final, backup)
-        os.replace(temporary, final)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(temporary, final)
-
-
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     if df.empty:
         # pyarrow writes no file for an empty partitioned table; keep the schema readable.
@@ -297,16 +286,16 @@ def write_table(
         "star": (".star", write_star),
     }
     finals = {kind: directory / f"{stem}{suffix}" for kind, (suffix, _) in writers.items()}
-    token = uuid.uuid4().hex
     temporaries = {
-        kind: path.with_name(f".{path.name}.{token}.tmp") for kind, path in finals.items()
+        kind: temporary_name(check_inside(path, directory)) for kind, path in finals.items()
     }
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for kind, (_, write) in writers.items():
             write(table, temporaries[kind])
+            flush_to_disk(temporaries[kind])
         for kind, final in finals.items():
-            _replace(temporaries[kind], final)
+            move_into_place(temporaries[kind], final)
     except OSError as error:
         raise OutputError(f"{directory}: cannot write the {stem} tables ({error})") from None
     finally:
