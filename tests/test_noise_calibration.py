@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtm.detection import detection_z, template_radius
+from dtm.detection import detection_z
+from dtm.footprint import template_radius
 from dtm.physics.projection import prepare_template
 from dtm.picking import default_min_distance, pick_peaks, threshold
 from dtm.search.kernel import correlate_chunk
