@@ -18,8 +18,10 @@ from datasets import BOX, PIXEL_SIZE, match_config, write_config, write_dataset
 from distributed import Client, LocalCluster
 
 from dtm.config import MatchConfig
+from dtm.config.match import PeaksConfig
 from dtm.io.store import open_results
 from dtm.match import match_template
+from dtm.peaks import repick
 from dtm.picking import threshold
 from dtm.search.stats import MAP_NAMES
 
@@ -230,5 +232,8 @@ def test_fixed_z_score_cutoff_from_the_configuration(dataset, two_workers, tmp_p
     config = _config(dataset, tmp_path, peaks={"z_score_cutoff": 5.0, "min_distance_angstrom": 60})
     match_template(config, client=two_workers)
     peaks = pd.read_csv(tmp_path / "peaks.csv")
-    assert (peaks.scaled_mip >= 5.0).all()
+    assert (peaks.detection_z > 5.0).all()  # the cut-off applies to the default metric
     _assert_particles_found(peaks, dataset["particles"])
+    # Given the seed's metric, it applies to the scaled MIP.
+    repick(tmp_path, PeaksConfig(metric="scaled_mip", z_score_cutoff=5.0))
+    assert (pd.read_csv(tmp_path / "peaks.csv").scaled_mip > 5.0).all()
