@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from distributed import Client, LocalCluster
 
 from dtm.cluster import gpu_unavailable_reason
 
@@ -209,6 +210,18 @@ def _dask_scratch_in_pytest_tmp(tmp_path_factory: pytest.TempPathFactory) -> Ite
 
     with dask.config.set({"temporary-directory": str(tmp_path_factory.mktemp("dask-scratch"))}):
         yield
+
+
+@pytest.fixture(scope="module")
+def two_workers() -> Iterator[Client]:
+    """A LocalCluster of two single-threaded worker processes, shared by a test module."""
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
 
 
 @pytest.fixture(scope="session")

@@ -148,17 +148,6 @@ def _config(dataset: dict, out: Path, **extra: object) -> MatchConfig:
 
 
 @pytest.fixture(scope="module")
-def two_processes() -> Client:
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
-@pytest.fixture(scope="module")
 def in_process() -> Client:
     """One worker with two threads in this process (so that a test may patch a task)."""
     with (
@@ -171,10 +160,10 @@ def in_process() -> Client:
 
 
 @pytest.fixture(scope="module")
-def reference(dataset: dict, two_processes: Client, tmp_path_factory: pytest.TempPathFactory):
+def reference(dataset: dict, two_workers: Client, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("reference")
     printed = io.StringIO()
-    ds = match_template(_config(dataset, out), client=two_processes, out=printed).load()
+    ds = match_template(_config(dataset, out), client=two_workers, out=printed).load()
     return out, ds, read_correlation_table(out).compute(), printed.getvalue()
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from distributed import Client, LocalCluster
+from datasets import OPTICS
+from distributed import Client
 
 from dtm.config.match import PeaksConfig
 from dtm.detection import background_statistics, detection_z
@@ -27,16 +28,6 @@ from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import FilterSettings, Optics, filter_micrograph
 from dtm.side_maxima import SearchModel, explained_peaks
 from dtm.simulate import PlantedParticle, random_particles, simulate_micrograph, simulate_template
-
-OPTICS = {
-    "voltage": 300.0,
-    "spherical_aberration": 2.7,
-    "amplitude_contrast_ratio": 0.07,
-    "defocus_u": 10000.0,
-    "defocus_v": 9500.0,
-    "astigmatism_angle": 30.0,
-    "phase_shift": 0.0,
-}
 
 
 def test_background_statistics_pool_the_correlations_of_the_background():
@@ -127,17 +118,6 @@ def test_a_copy_of_the_stronger_peak_is_explained_and_a_distant_one_is_not():
 # --- planted particles, searched end to end -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def client() -> Client:
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
 def _search(
     directory: Path,
     micrographs: dict[str, np.ndarray],
@@ -193,7 +173,7 @@ def _score(table, particles, box: int, tolerance: float = 3.0) -> tuple[int, int
 
 
 @pytest.mark.slow
-def test_particles_of_ordinary_strength_are_found(tmp_path, client):
+def test_particles_of_ordinary_strength_are_found(tmp_path, two_workers):
     box = 48
     template = simulate_template(box, pixel_size=3.0, n_atoms=3000, seed=11)
     micrographs, planted = {}, {}
@@ -211,7 +191,7 @@ def test_particles_of_ordinary_strength_are_found(tmp_path, client):
             **OPTICS,
         )
         planted[f"m{k}"] = particles
-    results = _search(tmp_path, micrographs, template, client, step=10.0)
+    results = _search(tmp_path, micrographs, template, two_workers, step=10.0)
     found = other = found_scaled = 0
     for name, particles in planted.items():
         hits, false = _score(peaks_table(results[name]), particles, box)
@@ -228,7 +208,7 @@ def test_particles_of_ordinary_strength_are_found(tmp_path, client):
 
 
 @pytest.mark.slow
-def test_overlapping_particles_at_different_heights_stay_two(tmp_path, client):
+def test_overlapping_particles_at_different_heights_stay_two(tmp_path, two_workers):
     box = 64
     template = simulate_template(box, pixel_size=3.0, n_atoms=4000, seed=1)
     radius = template_radius(template)
@@ -250,7 +230,7 @@ def test_overlapping_particles_at_different_heights_stay_two(tmp_path, client):
         **OPTICS,
     )
     defocus = {"defocus_min": -1200.0, "defocus_max": 1200.0, "defocus_step": 1200.0}
-    ds = _search(tmp_path, {"pair": image}, template, client, step=15.0, defocus=defocus)
+    ds = _search(tmp_path, {"pair": image}, template, two_workers, step=15.0, defocus=defocus)
     table = peaks_table(ds)
     for p in particles:
         at = table[(abs(table.pos_y - p.pos_y) <= 1) & (abs(table.pos_x - p.pos_x) <= 1)]

@@ -33,17 +33,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return write_dataset(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="module")
-def two_workers() -> Client:
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
-
-
 def _config(dataset: dict, out: Path, **extra: object) -> MatchConfig:
     return MatchConfig.model_validate(
         match_config(dataset["micrograph_path"], dataset["template_path"], out, **extra)
