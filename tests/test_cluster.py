@@ -52,7 +52,7 @@ def test_local_cluster_two_worker_processes_closed_at_exit(capsys: pytest.Captur
 
 def test_local_cluster_override_and_busy_dashboard_port(capsys: pytest.CaptureFixture[str]):
     with socket.socket() as busy:
-        busy.bind(("", 0))
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         config = ClusterConfig(n_workers=2, dashboard_address=f":{port}")
