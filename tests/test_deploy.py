@@ -208,7 +208,9 @@ wait "${pids[@]}"
 # and what it sees on the cluster, then fails with status 3 to show that the script returns
 # the client's status and still shuts the cluster down.
 PROBE_CLIENT = """\
-import json, sys
+import json, os, stat, sys
+import distributed
+from distributed.security import Security
 from dtm.cluster import connect, worker_count
 args = sys.argv[1:]
 address = args[args.index("--scheduler") + 1]
@@ -216,6 +218,17 @@ with connect(scheduler_address=address, quiet=True) as client:
     squares = client.gather(client.map(lambda v: v * v, range(4)))
     record = {"args": args, "address": client.scheduler.address,
               "workers": worker_count(client), "squares": squares}
+    # The job's certificate: a private folder, given to dtm through Dask's configuration.
+    tls_dir = os.path.dirname(os.environ["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"])
+    record["tls_dir"] = tls_dir
+    record["tls_dir_mode"] = stat.S_IMODE(os.stat(tls_dir).st_mode)
+    # A client without the certificate, over plain tcp://, is refused.
+    try:
+        plain = address.replace("tls://", "tcp://")
+        distributed.Client(plain, timeout=5, security=Security(require_encryption=False)).close()
+        record["plain_refused"] = False
+    except Exception:
+        record["plain_refused"] = True
 with open(sys.argv[0] + ".json", "w") as out:
     json.dump(record, out)
 sys.exit(3)
@@ -243,6 +256,7 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
         "DTM_COMMAND": f"{sys.executable} {probe}",
         "DTM_MATCH_ARGS": "--resume",
         "DTM_SCHEDULER_PORT": "0",
+        "DTM_SCHEDULER_HOST": "127.0.0.1",  # tests listen on loopback only
         "DTM_DASHBOARD_PORT": "0",
         "DTM_STARTUP_TIMEOUT_S": "60",
     }
@@ -274,6 +288,11 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
         "--resume",
     ]
     assert record["workers"] == 2 and record["squares"] == [0, 1, 4, 9], log
+    # TLS only, with the job's own certificate, deleted at the end.
+    assert record["address"].startswith("tls://127.0.0.1:") and record["plain_refused"], record
+    assert record["tls_dir_mode"] == 0o700 and record["tls_dir"] == str(run_dir / "tls")
+    assert not (run_dir / "tls").exists()
+    assert "dtm: dashboard: ssh -J <login node> -L 8787:127.0.0.1:" in log
     assert "dtm: 2 workers connected" in log
     # the scheduler and both workers are gone: nothing left in the script's process group
     deadline = time.monotonic() + 15
@@ -283,7 +302,7 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
     if alive:
         os.killpg(proc.pid, signal.SIGKILL)
     assert not alive, "processes of the script survive it\n" + log
-    host, port = record["address"].removeprefix("tcp://").rsplit(":", 1)
+    host, port = record["address"].removeprefix("tls://").rsplit(":", 1)
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
         pass
 
