@@ -46,6 +46,7 @@ def test_deploy_has_the_expected_files():
         "kubernetes/README.md",
         "compose/README.md",
         "slurm/dtm-multinode.sbatch",
+        "kubernetes/networkpolicy.yaml",
     ):
         assert (DEPLOY / relative).is_file(), relative
     assert len(YAML_FILES) >= 7 and len(SHELL_SCRIPTS) >= 1 and len(DOCKERFILES) == 2
@@ -132,12 +133,46 @@ def test_kubernetes_job_runs_dtm_against_the_daskcluster(tmp_path: Path):
     _validate_whole(config, tmp_path)
 
 
+def test_network_policy_lets_only_the_cluster_client_and_operator_in():
+    (cluster,) = _load("kubernetes/daskcluster.yaml")
+    name = cluster["metadata"]["name"]
+    policies = {doc["metadata"]["name"]: doc for doc in _load("kubernetes/networkpolicy.yaml")}
+    assert all(doc["kind"] == "NetworkPolicy" for doc in policies.values())
+    documents = {doc["kind"]: doc for doc in _load("kubernetes/job.yaml")}
+    client_labels = documents["Job"]["spec"]["template"]["metadata"]["labels"]
+    covered = set()
+    for policy in policies.values():
+        spec = policy["spec"]
+        selected = spec["podSelector"]["matchLabels"]
+        assert selected["dask.org/cluster-name"] == name and spec["policyTypes"] == ["Ingress"]
+        covered.add(selected["dask.org/component"])
+        for rule in spec["ingress"]:
+            for source in rule["from"]:  # every source is narrowed by labels
+                labels = next(iter(source.values()))["matchLabels"]
+                assert labels, source
+                if "podSelector" in source and "dask.org/cluster-name" not in labels:
+                    assert labels.items() <= client_labels.items(), labels
+                if "namespaceSelector" in source:
+                    assert labels == {"kubernetes.io/metadata.name": "dask-operator"}
+    assert covered == {"scheduler", "worker"}
+    scheduler_ports = {
+        p["port"] for r in policies["dtm-scheduler"]["spec"]["ingress"] for p in r["ports"]
+    }
+    assert scheduler_ports == {8786, 8787}
+
+
 def test_compose_services_and_gpu_override():
     (compose,) = _load("compose/docker-compose.yml")
     services = compose["services"]
     assert set(services) == {"scheduler", "worker", "dtm"}
     assert services["scheduler"]["command"][:2] == ["dask", "scheduler"]
     assert any(str(port).endswith(":8787") for port in services["scheduler"]["ports"])
+    # Published on this host's loopback only; the scheduler's 8786 is not published at all.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+        assert not any("8786" in str(port) for port in service.get("ports", [])), name
+        assert "network_mode" not in service, name  # host networking would open 8786
     assert services["worker"]["command"][:3] == ["dask", "worker", "tcp://scheduler:8786"]
     assert "replicas" in services["worker"]["deploy"]
     assert services["dtm"]["command"] == [
@@ -154,6 +189,8 @@ def test_compose_services_and_gpu_override():
         assert (DEPLOY / "compose" / build["context"] / build["dockerfile"]).is_file()
 
     (gpu,) = _load("compose/docker-compose.gpu.yml")
+    for name, service in gpu["services"].items():
+        assert "ports" not in service and "network_mode" not in service, name
     worker = gpu["services"]["worker"]
     assert worker["command"][:3] == ["dask", "cuda", "worker"]
     (devices,) = worker["deploy"]["resources"]["reservations"]["devices"]
