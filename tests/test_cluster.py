@@ -181,3 +181,22 @@ def test_waiting_for_the_first_worker_is_bounded_by_worker_timeout(kind_settings
                 with session(client, config, out=printed):
                     pass
     assert ("waiting for the first worker job" in printed.getvalue()) == says_waiting
+
+
+def test_local_cluster_with_certificates_speaks_tls_on_loopback(tmp_path):
+    from distributed.security import Security
+
+    temporary = Security.temporary()
+    certificates = {}
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        certificates[field] = tmp_path / f"{field}.pem"
+        certificates[field].write_text(str(getattr(temporary, field)))
+    config = ClusterConfig(n_workers=1, dashboard_address=":0", security=certificates)
+    with connect(config, quiet=True) as client:
+        address = client.scheduler.address
+        workers = list(client.scheduler_info()["workers"])
+        assert client.submit(pow, 2, 10).result() == 1024
+        link = dashboard_link(client)
+    assert address.startswith("tls://127.0.0.1:")
+    assert [w.split(":")[:2] for w in workers] == [["tls", "//127.0.0.1"]]
+    assert link.startswith("http://127.0.0.1:")

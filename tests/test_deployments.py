@@ -1,6 +1,9 @@
-"""Starting each kind of cluster: the batch scripts of Slurm/PBS jobs, the Kubernetes spec.
+"""Starting each kind of cluster: the batch scripts of Slurm/PBS jobs and their TLS, the
+Kubernetes spec.
 
-Nothing is submitted: ``job_script()`` and the ``DaskCluster`` resource are what would be.
+Nothing reaches a real batch system: ``job_script()`` and the ``DaskCluster`` resource are
+what would be submitted, and one search runs its worker job through stand-ins for
+``sbatch`` and ``scancel``.
 """
 
 from __future__ import annotations

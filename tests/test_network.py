@@ -22,8 +22,9 @@ from datasets import match_config, write_config, write_dataset
 from distributed import Client
 from distributed.security import Security
 
+from dtm.config import ClusterConfig
 from dtm.dashboard import TOTAL_METRIC
-from dtm.deployments import is_loopback
+from dtm.deployments import _listen_options, is_loopback
 from dtm.io.store import open_results
 from dtm.search.stats import MAP_NAMES
 
@@ -327,3 +328,13 @@ def test_unencrypted_remote_scheduler_is_warned_about(capsys: pytest.CaptureFixt
     _client_security("tcp://[::1]:8786", None)
     assert capsys.readouterr().err == ""
     assert os.environ.get("DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION") is None
+    # A cluster told to listen beyond loopback without certificates (nothing is started).
+    options = _listen_options(ClusterConfig(host="192.0.2.7", dashboard_address=":0"), "local")
+    assert options["host"] == "192.0.2.7" and "security" not in options
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith(
+        "dtm: warning: cluster.host 192.0.2.7: the local cluster listens on 192.0.2.7 without TLS"
+    )
+    assert "\n" not in warning
+    assert _listen_options(ClusterConfig(dashboard_address=":0"), "local")["host"] == "127.0.0.1"
+    assert capsys.readouterr().err == ""
