@@ -100,11 +100,13 @@ def warn(message: str) -> None:
     print(f"dtm: warning: {message}", file=sys.stderr, flush=True)
 
 
-def warn_unencrypted(what: str) -> None:
+def warn_unencrypted(
+    what: str, remedy: str = "set cluster.security, see 'Security' in docs/deployment.md"
+) -> None:
     """The one-line warning for a ``tcp://`` port open beyond this machine without TLS."""
     warn(
         f"{what} without TLS: anyone who can reach it can run code as you (Dask runs "
-        "pickled functions); set cluster.security, see 'Security' in docs/deployment.md"
+        f"pickled functions); {remedy}"
     )
 
 
@@ -156,11 +158,16 @@ def dashboard_host(cluster: ClusterConfig | None) -> str:
 
 def _dashboard_address(cluster: ClusterConfig | None) -> str | None:
     """``cluster.dashboard_address`` with 127.0.0.1 for a missing host, moved to a random
-    port when its port is taken."""
+    port when its port is taken; a one-line warning when it is open beyond this machine."""
     address = setting(cluster, "dashboard_address", f"{LOOPBACK}:8787")
     if not address:
         return None
     host, _, port = str(address).rpartition(":")
+    if host and not is_loopback(host):
+        warn(
+            f"cluster.dashboard_address {address}: the dashboard is open to the network "
+            "(it shows task names, file paths and logs)"
+        )
     return _free_dashboard_address(f"{host or LOOPBACK}:{port}")
 
 
@@ -193,21 +200,10 @@ def _listen_options(cluster: ClusterConfig | None, kind: str) -> dict[str, Any]:
     return options
 
 
-def _warn_open_dashboard(cluster: ClusterConfig | None) -> None:
-    address = _dashboard_address(cluster)
-    host = (address or "").rpartition(":")[0]
-    if address and not is_loopback(host):
-        warn(
-            f"cluster.dashboard_address {address}: the dashboard is open to the network "
-            "(it shows task names, file paths and logs)"
-        )
-
-
 def _local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
     import distributed
 
     default_workers, default_threads = default_local_workers()
-    _warn_open_dashboard(cluster)
     return distributed.LocalCluster(
         n_workers=n_workers or setting(cluster, "n_workers", default_workers),
         threads_per_worker=setting(cluster, "threads_per_worker", default_threads),
@@ -252,7 +248,6 @@ def _gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> 
     if reason is not None:
         raise ClusterError(f"device gpu: no working CUDA GPU ({reason})")
     dask_cuda = _import_extra("gpu-local")
-    _warn_open_dashboard(cluster)
     return dask_cuda.LocalCUDACluster(
         n_workers=n_workers or setting(cluster, "n_workers"),
         threads_per_worker=setting(cluster, "threads_per_worker", 1),
@@ -308,7 +303,6 @@ def jobqueue_cluster(cluster: ClusterConfig | None, device: str | None = None) -
     }
     if setting(cluster, "host") is not None:
         options["scheduler_options"]["host"] = setting(cluster, "host")
-    _warn_open_dashboard(cluster)
     if gpus:
         options["worker_command"] = "dask cuda worker"  # run as `python -m dask cuda worker`
         # jobqueue gives each process cores / processes threads: one per GPU worker.
@@ -377,8 +371,8 @@ def _kubernetes_cluster(
     # dask-kubernetes reaches the scheduler with plain tcp:// (its KubeCluster and the
     # operator's DASK_SCHEDULER_ADDRESS), so this kind cannot use TLS: say so.
     warn_unencrypted(
-        "kind kubernetes: the scheduler listens on the Kubernetes cluster's network "
-        "(restrict it with deploy/kubernetes/networkpolicy.yaml)"
+        "kind kubernetes: the scheduler listens on the Kubernetes cluster's network",
+        "restrict it with deploy/kubernetes/networkpolicy.yaml",
     )
     return operator.KubeCluster(custom_cluster_spec=spec, namespace=setting(cluster, "namespace"))
 

@@ -336,5 +336,13 @@ def test_unencrypted_remote_scheduler_is_warned_about(capsys: pytest.CaptureFixt
         "dtm: warning: cluster.host 192.0.2.7: the local cluster listens on 192.0.2.7 without TLS"
     )
     assert "\n" not in warning
-    assert _listen_options(ClusterConfig(dashboard_address=":0"), "local")["host"] == "127.0.0.1"
+    assert _listen_options(ClusterConfig(dashboard_address=":0"), "local") == {
+        "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0",
+    }
     assert capsys.readouterr().err == ""
+    # A dashboard opened to the network (port 0: nothing is bound here).
+    _listen_options(ClusterConfig(dashboard_address="192.0.2.7:0"), "local")
+    warning = capsys.readouterr().err.strip()
+    assert warning.startswith("dtm: warning: cluster.dashboard_address 192.0.2.7:0: the dashboard")
+    assert "\n" not in warning
