@@ -24,12 +24,14 @@ runs anyone's code (the scheduler and workers unpickle functions).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dtm.errors import ClusterError, ConfigError
@@ -200,17 +202,45 @@ def _listen_options(cluster: ClusterConfig | None, kind: str) -> dict[str, Any]:
     return options
 
 
+def _started_quietly(start: Callable[[], Any]) -> Any:
+    """``start()``, which builds a cluster; interrupted (Ctrl-C) before it returns, the
+    half-started cluster is closed here, quietly.
+
+    distributed closes a cluster whose start fails with an exception, but not one stopped
+    by ``KeyboardInterrupt``: its exit hook then closes it and prints a traceback
+    (``AssertionError: Status.init``) after dtm's one-line message. Found by
+    ``test_ctrl_c_exits_130_and_says_how_to_resume`` on a loaded machine.
+    """
+    from distributed.deploy.spec import SpecCluster
+
+    before = set(SpecCluster._instances)
+    try:
+        return start()
+    except BaseException:
+        for half_started in set(SpecCluster._instances) - before:
+            with contextlib.suppress(Exception):
+                half_started.close(timeout=10)
+            half_started.shutdown_on_close = False  # nothing left for the exit hook
+            # A worker start cut short leaves a failed task that asyncio reports, with its
+            # traceback, when it is collected: the process is ending, say nothing more.
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        raise
+
+
 def _local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
     import distributed
 
     default_workers, default_threads = default_local_workers()
-    return distributed.LocalCluster(
-        n_workers=n_workers or setting(cluster, "n_workers", default_workers),
-        threads_per_worker=setting(cluster, "threads_per_worker", default_threads),
-        processes=True,
-        memory_limit=setting(cluster, "memory_limit", "auto"),
-        silence_logs=logging.ERROR,
-        **_listen_options(cluster, "local"),
+    return _started_quietly(
+        functools.partial(
+            distributed.LocalCluster,
+            n_workers=n_workers or setting(cluster, "n_workers", default_workers),
+            threads_per_worker=setting(cluster, "threads_per_worker", default_threads),
+            processes=True,
+            memory_limit=setting(cluster, "memory_limit", "auto"),
+            silence_logs=logging.ERROR,
+            **_listen_options(cluster, "local"),
+        )
     )
 
 

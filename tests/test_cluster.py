@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import socket
@@ -200,3 +201,31 @@ def test_local_cluster_with_certificates_speaks_tls_on_loopback(tmp_path):
     assert address.startswith("tls://127.0.0.1:")
     assert [w.split(":")[:2] for w in workers] == [["tls", "//127.0.0.1"]]
     assert link.startswith("http://127.0.0.1:")
+
+
+def test_a_cluster_start_cut_short_by_ctrl_c_is_closed_quietly(capsys):
+    import distributed
+    from distributed.core import Status
+    from distributed.deploy.spec import close_clusters
+
+    from dtm.deployments import _started_quietly
+
+    started = []
+
+    def start_then_interrupted():
+        started.append(
+            distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None)
+        )
+        raise KeyboardInterrupt  # as if Ctrl-C landed before the constructor returned
+
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _started_quietly(start_then_interrupted)
+    finally:
+        asyncio_logger.setLevel(level)  # the process goes on here, unlike dtm's
+    [cluster] = started
+    assert cluster.status == Status.closed and not cluster.shutdown_on_close
+    close_clusters()  # distributed's exit hook has nothing left to do
+    assert "Traceback" not in capsys.readouterr().err
