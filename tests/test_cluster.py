@@ -214,7 +214,7 @@ def test_a_cluster_start_cut_short_by_ctrl_c_is_closed_quietly(capsys):
 
     def start_then_interrupted():
         started.append(
-            distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None)
+            distributed.LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0")
         )
         raise KeyboardInterrupt  # as if Ctrl-C landed before the constructor returned
 
