@@ -29,8 +29,10 @@ import functools
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -72,13 +74,24 @@ def setting(cluster: ClusterConfig | None, name: str, default: Any = None) -> An
 
 
 def _import_extra(kind: str) -> Any:
+    """The optional dependency of ``kind``, imported; the Ctrl-C handler is kept.
+
+    ``dask_jobqueue.runner`` replaces the SIGINT handler when imported (with one that calls
+    ``sys.exit()``): Ctrl-C would then end ``dtm match`` with status 0 and without the
+    "continue with --resume" line.
+    """
     module, package, extra = _EXTRAS[kind]
+    handler = signal.getsignal(signal.SIGINT)
     try:
         return __import__(module, fromlist=["_"])
     except ImportError as error:
         raise ClusterError(
             f"kind {kind} needs {package}: pip install 'dtm[{extra}]' ({error})"
         ) from None
+    finally:
+        main = threading.current_thread() is threading.main_thread()
+        if main and handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
 
 
 #: Where clusters started by dtm listen unless the configuration names another address.

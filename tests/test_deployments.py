@@ -8,6 +8,7 @@ what would be submitted, and one search runs its worker job through stand-ins fo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import stat
@@ -20,16 +21,19 @@ import psutil
 import pytest
 
 from dtm.config import ClusterConfig
-from dtm.deployments import jobqueue_cluster, kubernetes_cluster_spec, start_cluster
+from dtm.deployments import (
+    _import_extra,
+    jobqueue_cluster,
+    kubernetes_cluster_spec,
+    start_cluster,
+)
 from dtm.errors import ClusterError, ConfigError
 
 
 def _jobqueue_installed() -> bool:
-    try:
-        import dask_jobqueue  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Not imported here: dask_jobqueue replaces the SIGINT handler when imported (dtm's
+    # import keeps it, see test_ctrl_c_while_slurm_jobs_wait_…).
+    return importlib.util.find_spec("dask_jobqueue") is not None
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +41,8 @@ def _certificates_in_tmp(tmp_path: Path):
     """dask-jobqueue writes the workers' copies of temporary certificates to its shared
     temporary directory (dtm's default: the home directory): here, the test's directory."""
     try:
-        import dask_jobqueue  # noqa: F401  (its defaults must be loaded before the override)
-    except ImportError:
+        _import_extra("slurm")  # jobqueue's defaults must be loaded before the override
+    except ClusterError:
         yield
         return
     import dask
@@ -277,3 +281,69 @@ def test_slurm_kind_runs_a_search_over_tls_with_batch_jobs(tmp_path: Path):
     if psutil.pid_exists(job):
         os.killpg(job, signal.SIGKILL)
         pytest.fail("the worker job survived the run")
+
+
+# A batch system whose queue never starts the job: sbatch only records the submission.
+QUEUED_SBATCH = """\
+#!/usr/bin/env bash
+echo submitted >>"$FAKE_SLURM_DIR/submitted"
+echo "Submitted batch job 4242"
+"""
+RECORDING_SCANCEL = """\
+#!/usr/bin/env bash
+echo "$@" >>"$FAKE_SLURM_DIR/cancelled"
+"""
+
+
+def test_ctrl_c_while_slurm_jobs_wait_in_the_queue_exits_130_and_cancels_them(tmp_path: Path):
+    """Importing dask-jobqueue replaces the Ctrl-C handler (``sys.exit()``: status 0); dtm
+    keeps its own, so the interrupted run says how to resume and cancels its jobs."""
+    if not _jobqueue_installed():
+        pytest.skip("dask-jobqueue not installed")
+    from datasets import match_config, write_config, write_dataset
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", QUEUED_SBATCH), ("scancel", RECORDING_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    data = write_dataset(tmp_path / "data", shape=(160, 160), n_particles=1)
+    cluster = {"kind": "slurm", "cores": 1, "memory": "2GB", "n_jobs": 1, "host": "127.0.0.1"}
+    config = write_config(
+        tmp_path / "config.yaml",
+        match_config(
+            data["micrograph_path"], data["template_path"], tmp_path / "out", cluster=cluster
+        ),
+    )
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]),
+        "DASK_JOBQUEUE__SLURM__SHARED_TEMP_DIRECTORY": str(tmp_path / "shared-temp"),
+        "FAKE_SLURM_DIR": str(bin_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dtm.cli", "match", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        assert run.stdout is not None
+        for line in run.stdout:
+            if line.startswith("waiting for the first worker job"):
+                break
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"dtm: interrupted; continue with: dtm match {config} --resume"
+    )
+    assert (bin_dir / "submitted").read_text() == "submitted\n"
+    assert "4242" in (bin_dir / "cancelled").read_text()
