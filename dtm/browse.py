@@ -8,6 +8,12 @@ for the others. Picked particles are circled; hovering one shows its row of the 
 
 ``GET /status`` returns JSON describing what the server has loaded (micrographs, peaks, the
 last window sent to a browser), for scripts and tests.
+
+Safety: micrograph names and paths are shown as text, never as HTML (they come from
+configurations and tables written by others). The server answers only requests whose
+``Host`` is this machine (``localhost``, 127.0.0.1, ::1), the ``--address`` it listens on or
+a host of ``--allow-websocket-origin``; others get 403 (a page on another site that
+resolves its name to 127.0.0.1 cannot read the results: DNS rebinding).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -31,6 +38,7 @@ from bokeh.models.annotations import ColorBar
 from bokeh.models.widgets import Div, Select
 from bokeh.plotting import figure
 from bokeh.server.server import Server
+from tornado.httputil import split_host_and_port
 from tornado.web import RequestHandler
 
 from dtm.errors import ConfigError, InputError
@@ -175,7 +183,7 @@ def _document(state: BrowseState, doc: Document) -> None:
     names: list[str | tuple[Any, str]] = list(state.micrographs)
     pick_micrograph = Select(title="micrograph", value=next(iter(state.micrographs)), options=names)
     pick_map = Select(title="map", value=MAPS[0], options=list[str | tuple[Any, str]](MAPS))
-    info = Div(text="")
+    info = Div(text="", render_as_text=True)  # micrograph names are text, never HTML
     image = ColumnDataSource({"image": [], "x": [], "y": [], "dw": [], "dh": []})
     peaks = ColumnDataSource({name: [] for name in HOVER_COLUMNS})
     mapper = LinearColorMapper(palette="Greys256")
@@ -264,6 +272,46 @@ def _document(state: BrowseState, doc: Document) -> None:
     doc.add_root(row(column(pick_micrograph, pick_map, info, width=260), plot))
 
 
+class _RefusedHostHandler(RequestHandler):
+    """Every request whose ``Host`` is not allowed: 403."""
+
+    def prepare(self) -> None:
+        self.set_status(403)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("dtm browse: Host not allowed\n")
+
+
+#: Hosts that always name this machine.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+def allowed_hosts(address: str, allow_websocket_origin: list[str] | None) -> list[str] | None:
+    """Host names (no port) the server answers: this machine, ``address`` unless it is a
+    wildcard, and the hosts of ``allow_websocket_origin``; ``None`` (any host) when an
+    origin is ``*``."""
+    origins = list(allow_websocket_origin or [])
+    if "*" in origins:
+        return None
+    hosts = [*LOCAL_HOSTS]
+    if address and address not in ("0.0.0.0", "::", ""):
+        hosts.append(address)
+    hosts += [split_host_and_port(origin.split("://")[-1])[0] for origin in origins]
+    return sorted({host.lower() for host in hosts})
+
+
+def _refuse_other_hosts(server: Server, hosts: list[str] | None) -> None:
+    """Answer 403 to every request (page, websocket, /status) with another ``Host``.
+
+    Bokeh checks only the websocket's ``Origin``; tornado routes by host, so a rule for
+    every host *but* the allowed ones, placed before bokeh's, refuses the rest.
+    """
+    if hosts is None:
+        return
+    allowed = "|".join(re.escape(host) for host in hosts)
+    # tornado matches the pattern against the request's host name, lower-cased, no port.
+    server._tornado.add_handlers(rf"(?!(?:{allowed})$).*", [(r".*", _RefusedHostHandler)])
+
+
 class _StatusHandler(RequestHandler):
     def initialize(self, state: BrowseState) -> None:
         self.state = state
@@ -292,7 +340,8 @@ def make_server(
         Interface to listen on; ``localhost`` keeps the results private to this machine.
     allow_websocket_origin
         Hosts (``host[:port]``) whose pages may connect, e.g. the name of a login node
-        reached through a tunnel; default ``localhost:PORT`` only.
+        reached through a tunnel; default ``localhost:PORT`` only. Requests whose ``Host``
+        is none of these, ``address`` or this machine are refused (403).
     plot_pixels
         Longer side of the plot in screen pixels.
     """
@@ -303,13 +352,15 @@ def make_server(
     state = BrowseState(str(results), micrographs, table, source, plot_pixels)
     application = Application(FunctionHandler(partial(_document, state)))
     try:
-        return Server(
+        server = Server(
             {"/": application},
             port=port,
             address=address,
             allow_websocket_origin=allow_websocket_origin,
             extra_patterns=[(r"/status", _StatusHandler, {"state": state})],
         )
+        _refuse_other_hosts(server, allowed_hosts(address, allow_websocket_origin))
+        return server
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
             raise ConfigError(

@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-websocket-origin",
         action="append",
         metavar="HOST[:PORT]",
-        help="host of a page allowed to connect (e.g. through an SSH tunnel); repeatable",
+        help="host of a page allowed to connect (e.g. through an SSH tunnel); repeatable; "
+        "requests naming any other Host than these, --address and localhost are refused",
     )
     browse.add_argument("--show", action="store_true", help="open the page in a web browser")
     browse.set_defaults(func=_browse)

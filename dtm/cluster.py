@@ -24,17 +24,22 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dtm.deployments import (
+    cluster_security,
+    dashboard_host,
     default_local_workers,
     gpu_unavailable_reason,
+    is_loopback,
     jobqueue_cluster,
     kubernetes_cluster_spec,
     setting,
     start_cluster,
+    warn_unencrypted,
 )
 from dtm.errors import ClusterError
 
@@ -85,12 +90,28 @@ def resolve_kind(
     return kind
 
 
-def dashboard_link(client: distributed.Client) -> str:
-    """URL of the scheduler's dashboard (``…/status``), or ``""`` when it has none."""
+def dashboard_link(client: distributed.Client, host: str | None = None) -> str:
+    """URL of the scheduler's dashboard (``…/status``), or ``""`` when it has none.
+
+    ``host``: the address the dashboard listens on, when known (a cluster dtm started):
+    Dask writes the scheduler's host in the link, which is not where a dashboard kept on
+    127.0.0.1 answers.
+    """
     try:
-        return str(client.dashboard_link or "")
+        link = str(client.dashboard_link or "")
     except (KeyError, AttributeError):  # scheduler started without the dashboard service
         return ""
+    if link and host and host not in ("0.0.0.0", "::"):
+        parts = urllib.parse.urlsplit(link)
+        netloc = f"[{host}]" if ":" in host else host
+        link = parts._replace(netloc=f"{netloc}:{parts.port}").geturl()
+    return link
+
+
+def _started_dashboard_host(kind: str, cluster: ClusterConfig | None) -> str | None:
+    """Where the dashboard of a cluster of ``kind`` that dtm starts listens, if dtm chose it
+    (Kubernetes dashboards are reached through the operator's port-forward)."""
+    return dashboard_host(cluster) if kind in ("local", "gpu-local", "slurm", "pbs") else None
 
 
 def worker_count(client: distributed.Client) -> int:
@@ -136,27 +157,57 @@ def _scheduler_address(address: str) -> str:
     return address if "://" in address else f"tcp://{address}"
 
 
+def _host_port(address: str) -> tuple[str, str]:
+    host, _, port = address.partition("://")[2].rpartition(":")
+    return host.strip("[]"), port
+
+
 def _check_reachable(address: str, timeout: float) -> None:
-    """Fail fast when nothing listens on a ``tcp://`` address (the client would retry until
-    its timeout)."""
-    if not address.startswith("tcp://"):
+    """Fail fast when nothing listens on a ``tcp://`` or ``tls://`` address (the client would
+    retry until its timeout)."""
+    if not address.startswith(("tcp://", "tls://")):
         return
-    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    host, port = _host_port(address)
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+        with socket.create_connection((host, int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as error:
         raise ClusterError(f"scheduler {address}: cannot connect ({error})") from None
 
 
-def _connect_address(address: str, timeout: float) -> distributed.Client:
+def _client_security(address: str, cluster: ClusterConfig | None) -> Any:
+    """The Security to reach ``address`` with: ``cluster.security``, else Dask's own
+    configuration (``distributed.comm.tls.*``), which a ``tls://`` address needs.
+
+    A ``tcp://`` address beyond this machine gets the one-line warning."""
+    from distributed.security import Security
+
+    security = cluster_security(cluster, "address")
+    if address.startswith("tls://") and security is None:
+        security = Security()
+        tls = security.get_tls_config_for_role("client")
+        if not (tls["ca_file"] and tls["cert"]):
+            raise ClusterError(
+                f"scheduler {address}: TLS needs certificates: set cluster.security "
+                "(tls_ca_file, tls_client_cert, tls_client_key)"
+            )
+    if address.startswith("tcp://") and not is_loopback(_host_port(address)[0]):
+        if security is None or not security.require_encryption:
+            warn_unencrypted(f"scheduler {address}: connecting")
+    return security
+
+
+def _connect_address(
+    address: str, timeout: float, cluster: ClusterConfig | None = None
+) -> distributed.Client:
     import distributed
 
     address = _scheduler_address(address)
+    security = _client_security(address, cluster)
     _check_reachable(address, timeout)
     try:
-        return distributed.Client(address, timeout=timeout)
-    except (OSError, TimeoutError, ValueError) as error:
+        return distributed.Client(address, timeout=timeout, security=security)
+    except (OSError, TimeoutError, ValueError, RuntimeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ClusterError(f"scheduler {address}: cannot connect ({message})") from None
 
@@ -179,8 +230,9 @@ def connect(
         ``None`` for the defaults (an embedded local cluster sized to the machine).
     scheduler_address, n_workers, device
         Command-line overrides (``--scheduler``, ``--workers``, ``--device``); they win over
-        the configuration. An address may be ``tcp://host:port``, ``host:port`` or the path
-        of a ``dask scheduler --scheduler-file`` JSON file. ``n_workers`` is the number of
+        the configuration. An address may be ``tcp://host:port``, ``tls://host:port``
+        (certificates from ``cluster.security``), ``host:port`` or the path of a
+        ``dask scheduler --scheduler-file`` JSON file. ``n_workers`` is the number of
         worker processes (local), of GPU workers (gpu-local), of jobs (slurm, pbs) or of
         worker pods (kubernetes); an external scheduler keeps its own workers.
     quiet
@@ -205,14 +257,15 @@ def connect(
     with contextlib.ExitStack() as stack:
         if kind == "address":
             address = scheduler_address or str(setting(cluster, "scheduler_address"))
-            client = stack.enter_context(_connect_address(address, CONNECT_TIMEOUT_S))
+            client = stack.enter_context(_connect_address(address, CONNECT_TIMEOUT_S, cluster))
             summary = f"scheduler {client.scheduler.address}"
         else:
             started = stack.enter_context(start_cluster(kind, cluster, n_workers, device))
             client = stack.enter_context(distributed.Client(started))
             summary = f"{kind} cluster"
         if not quiet:
-            link = dashboard_link(client) or "(no dashboard)"
+            link = dashboard_link(client, _started_dashboard_host(kind, cluster))
+            link = link or "(no dashboard)"
             print(
                 f"dtm: {summary}, {worker_count(client)} workers, {worker_threads(client)} "
                 f"threads; dashboard {link}",
@@ -239,7 +292,10 @@ def session(
     from dtm import dashboard  # noqa: PLC0415 (imports bokeh; only once a cluster is used)
 
     with contextlib.ExitStack() as stack:
+        kind = resolve_kind(cluster, scheduler_address, device)
+        host = None
         if client is None:
+            host = _started_dashboard_host(kind, cluster)
             client = stack.enter_context(
                 connect(
                     cluster,
@@ -249,14 +305,13 @@ def session(
                     quiet=True,
                 )
             )
-        kind = resolve_kind(cluster, scheduler_address, device)
         queued = kind in QUEUED_KINDS
         if queued and worker_count(client) == 0:
             print("waiting for the first worker job to start (Ctrl-C to stop)", file=out)
         timeout = setting(cluster, "worker_timeout", None if queued else WORKER_TIMEOUT_S)
         ensure_workers(client, 1, timeout)
         dashboard.install(client)
-        link = dashboard_link(client)
+        link = dashboard_link(client, host)
         rate_page = f"  (correlations/s per worker: {link.removesuffix('/status')}/dtm)"
         print(f"dashboard: {link}" + (rate_page if link else ""), file=out)
         yield client

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
+import os
+import re
+import subprocess
+import sys
 import threading
 import urllib.request
 import uuid
@@ -16,8 +21,9 @@ import fsspec
 import matplotlib.image
 import numpy as np
 import pytest
+from bokeh.client import pull_session
 from bokeh.document import Document
-from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.models import ColumnDataSource, Div, HoverTool, Select
 from bokeh.server.server import Server
 from headless_chromium import Page, chromium_path, run_page
 from synthetic_results import write_results
@@ -217,3 +223,85 @@ def test_a_port_in_use_is_a_one_line_error(results: Path, capsys: pytest.Capture
     assert main(["browse", str(results), "--port", "0", "--address", "nowhere.invalid"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("dtm: error: --address nowhere.invalid: cannot listen there (")
+
+
+#: A micrograph name and a results folder that are HTML: shown as text, they run nothing.
+HTML_NAME = "<img src=x onerror=alert(1)>"
+HTML_FOLDER = "<i>run"
+
+
+@contextlib.contextmanager
+def browse_process(results: Path, *args: str) -> Iterator[int]:
+    """``dtm browse RESULTS --port 0 ARGS`` as a process; yields the port it serves on."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "dtm.cli", "browse", str(results), "--port", "0", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        match = re.search(r"at http://[^ ]+:(\d+)/", line)
+        assert match, line + proc.stdout.read().decode() if proc.poll() is not None else line
+        yield int(match.group(1))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _get(port: int, path: str, host: str) -> tuple[int, str, bytes]:
+    """GET ``path`` from 127.0.0.1:``port`` with the header ``Host: host``."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("GET", path, headers={"Host": host})
+        response = connection.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+    finally:
+        connection.close()
+
+
+def test_micrograph_names_and_paths_are_shown_as_text(tmp_path: Path) -> None:
+    results = write_results(tmp_path / HTML_FOLDER, names=(HTML_NAME,), shape=(120, 130))
+    with browse_process(results) as port:
+        status, _, page = _get(port, "/", f"localhost:{port}")
+        assert status == 200
+        # The page's title holds the results' path, escaped.
+        assert b"&lt;i&gt;run" in page and b"<i>run" not in page and b"<img" not in page
+        # The document as a browser receives it, over the websocket.
+        session = pull_session(url=f"http://localhost:{port}/")
+        try:
+            texts = [
+                model
+                for model in session.document.models
+                if HTML_NAME in str(getattr(model, "text", ""))
+            ]
+            [select] = [
+                m
+                for m in session.document.models
+                if isinstance(m, Select) and m.title == "micrograph"
+            ]
+        finally:
+            session.close()
+        status, content_type, body = _get(port, "/status", f"127.0.0.1:{port}")
+    # The name is in the info line, which renders as text, never as HTML, and in the menu
+    # (a select's options are text).
+    assert texts and all(isinstance(m, Div) and m.render_as_text for m in texts), texts
+    assert select.value == HTML_NAME
+    # /status is JSON, not HTML.
+    assert status == 200 and content_type.startswith("application/json")
+    assert json.loads(body)["micrographs"] == [HTML_NAME]
+
+
+def test_requests_for_another_host_are_refused(results: Path) -> None:
+    with browse_process(results, "--allow-websocket-origin", "login.example:8080") as port:
+        for path in ("/", "/status", "/ws"):
+            status, _, body = _get(port, path, "evil.example")
+            assert status == 403 and b"Host not allowed" in body, (path, status, body)
+            status, _, _ = _get(port, path, f"evil.example:{port}")
+            assert status == 403
+        # DNS rebinding: a name that resolves to 127.0.0.1 is still another host.
+        assert _get(port, "/status", "localhost.evil.example")[0] == 403
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", "[::1]", "login.example:8080"):
+            assert _get(port, "/status", host)[0] == 200, host

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import socket
@@ -52,7 +53,7 @@ def test_local_cluster_two_worker_processes_closed_at_exit(capsys: pytest.Captur
 
 def test_local_cluster_override_and_busy_dashboard_port(capsys: pytest.CaptureFixture[str]):
     with socket.socket() as busy:
-        busy.bind(("", 0))
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         config = ClusterConfig(n_workers=2, dashboard_address=f":{port}")
@@ -181,3 +182,50 @@ def test_waiting_for_the_first_worker_is_bounded_by_worker_timeout(kind_settings
                 with session(client, config, out=printed):
                     pass
     assert ("waiting for the first worker job" in printed.getvalue()) == says_waiting
+
+
+def test_local_cluster_with_certificates_speaks_tls_on_loopback(tmp_path):
+    from distributed.security import Security
+
+    temporary = Security.temporary()
+    certificates = {}
+    for field in ("tls_ca_file", "tls_client_cert", "tls_client_key"):
+        certificates[field] = tmp_path / f"{field}.pem"
+        certificates[field].write_text(str(getattr(temporary, field)))
+    config = ClusterConfig(n_workers=1, dashboard_address=":0", security=certificates)
+    with connect(config, quiet=True) as client:
+        address = client.scheduler.address
+        workers = list(client.scheduler_info()["workers"])
+        assert client.submit(pow, 2, 10).result() == 1024
+        link = dashboard_link(client)
+    assert address.startswith("tls://127.0.0.1:")
+    assert [w.split(":")[:2] for w in workers] == [["tls", "//127.0.0.1"]]
+    assert link.startswith("http://127.0.0.1:")
+
+
+def test_a_cluster_start_cut_short_by_ctrl_c_is_closed_quietly(capsys):
+    import distributed
+    from distributed.core import Status
+    from distributed.deploy.spec import close_clusters
+
+    from dtm.deployments import _started_quietly
+
+    started = []
+
+    def start_then_interrupted():
+        started.append(
+            distributed.LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0")
+        )
+        raise KeyboardInterrupt  # as if Ctrl-C landed before the constructor returned
+
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _started_quietly(start_then_interrupted)
+    finally:
+        asyncio_logger.setLevel(level)  # the process goes on here, unlike dtm's
+    [cluster] = started
+    assert cluster.status == Status.closed and not cluster.shutdown_on_close
+    close_clusters()  # distributed's exit hook has nothing left to do
+    assert "Traceback" not in capsys.readouterr().err

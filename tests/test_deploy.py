@@ -46,6 +46,7 @@ def test_deploy_has_the_expected_files():
         "kubernetes/README.md",
         "compose/README.md",
         "slurm/dtm-multinode.sbatch",
+        "kubernetes/networkpolicy.yaml",
     ):
         assert (DEPLOY / relative).is_file(), relative
     assert len(YAML_FILES) >= 7 and len(SHELL_SCRIPTS) >= 1 and len(DOCKERFILES) == 2
@@ -132,12 +133,46 @@ def test_kubernetes_job_runs_dtm_against_the_daskcluster(tmp_path: Path):
     _validate_whole(config, tmp_path)
 
 
+def test_network_policy_lets_only_the_cluster_client_and_operator_in():
+    (cluster,) = _load("kubernetes/daskcluster.yaml")
+    name = cluster["metadata"]["name"]
+    policies = {doc["metadata"]["name"]: doc for doc in _load("kubernetes/networkpolicy.yaml")}
+    assert all(doc["kind"] == "NetworkPolicy" for doc in policies.values())
+    documents = {doc["kind"]: doc for doc in _load("kubernetes/job.yaml")}
+    client_labels = documents["Job"]["spec"]["template"]["metadata"]["labels"]
+    covered = set()
+    for policy in policies.values():
+        spec = policy["spec"]
+        selected = spec["podSelector"]["matchLabels"]
+        assert selected["dask.org/cluster-name"] == name and spec["policyTypes"] == ["Ingress"]
+        covered.add(selected["dask.org/component"])
+        for rule in spec["ingress"]:
+            for source in rule["from"]:  # every source is narrowed by labels
+                labels = next(iter(source.values()))["matchLabels"]
+                assert labels, source
+                if "podSelector" in source and "dask.org/cluster-name" not in labels:
+                    assert labels.items() <= client_labels.items(), labels
+                if "namespaceSelector" in source:
+                    assert labels == {"kubernetes.io/metadata.name": "dask-operator"}
+    assert covered == {"scheduler", "worker"}
+    scheduler_ports = {
+        p["port"] for r in policies["dtm-scheduler"]["spec"]["ingress"] for p in r["ports"]
+    }
+    assert scheduler_ports == {8786, 8787}
+
+
 def test_compose_services_and_gpu_override():
     (compose,) = _load("compose/docker-compose.yml")
     services = compose["services"]
     assert set(services) == {"scheduler", "worker", "dtm"}
     assert services["scheduler"]["command"][:2] == ["dask", "scheduler"]
     assert any(str(port).endswith(":8787") for port in services["scheduler"]["ports"])
+    # Published on this host's loopback only; the scheduler's 8786 is not published at all.
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+        assert not any("8786" in str(port) for port in service.get("ports", [])), name
+        assert "network_mode" not in service, name  # host networking would open 8786
     assert services["worker"]["command"][:3] == ["dask", "worker", "tcp://scheduler:8786"]
     assert "replicas" in services["worker"]["deploy"]
     assert services["dtm"]["command"] == [
@@ -154,6 +189,8 @@ def test_compose_services_and_gpu_override():
         assert (DEPLOY / "compose" / build["context"] / build["dockerfile"]).is_file()
 
     (gpu,) = _load("compose/docker-compose.gpu.yml")
+    for name, service in gpu["services"].items():
+        assert "ports" not in service and "network_mode" not in service, name
     worker = gpu["services"]["worker"]
     assert worker["command"][:3] == ["dask", "cuda", "worker"]
     (devices,) = worker["deploy"]["resources"]["reservations"]["devices"]
@@ -208,7 +245,9 @@ wait "${pids[@]}"
 # and what it sees on the cluster, then fails with status 3 to show that the script returns
 # the client's status and still shuts the cluster down.
 PROBE_CLIENT = """\
-import json, sys
+import json, os, stat, sys
+import distributed
+from distributed.security import Security
 from dtm.cluster import connect, worker_count
 args = sys.argv[1:]
 address = args[args.index("--scheduler") + 1]
@@ -216,6 +255,17 @@ with connect(scheduler_address=address, quiet=True) as client:
     squares = client.gather(client.map(lambda v: v * v, range(4)))
     record = {"args": args, "address": client.scheduler.address,
               "workers": worker_count(client), "squares": squares}
+    # The job's certificate: a private folder, given to dtm through Dask's configuration.
+    tls_dir = os.path.dirname(os.environ["DASK_DISTRIBUTED__COMM__TLS__CA_FILE"])
+    record["tls_dir"] = tls_dir
+    record["tls_dir_mode"] = stat.S_IMODE(os.stat(tls_dir).st_mode)
+    # A client without the certificate, over plain tcp://, is refused.
+    try:
+        plain = address.replace("tls://", "tcp://")
+        distributed.Client(plain, timeout=5, security=Security(require_encryption=False)).close()
+        record["plain_refused"] = False
+    except Exception:
+        record["plain_refused"] = True
 with open(sys.argv[0] + ".json", "w") as out:
     json.dump(record, out)
 sys.exit(3)
@@ -243,6 +293,7 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
         "DTM_COMMAND": f"{sys.executable} {probe}",
         "DTM_MATCH_ARGS": "--resume",
         "DTM_SCHEDULER_PORT": "0",
+        "DTM_SCHEDULER_HOST": "127.0.0.1",  # tests listen on loopback only
         "DTM_DASHBOARD_PORT": "0",
         "DTM_STARTUP_TIMEOUT_S": "60",
     }
@@ -274,6 +325,11 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
         "--resume",
     ]
     assert record["workers"] == 2 and record["squares"] == [0, 1, 4, 9], log
+    # TLS only, with the job's own certificate, deleted at the end.
+    assert record["address"].startswith("tls://127.0.0.1:") and record["plain_refused"], record
+    assert record["tls_dir_mode"] == 0o700 and record["tls_dir"] == str(run_dir / "tls")
+    assert not (run_dir / "tls").exists()
+    assert "dtm: dashboard: ssh -J <login node> -L 8787:127.0.0.1:" in log
     assert "dtm: 2 workers connected" in log
     # the scheduler and both workers are gone: nothing left in the script's process group
     deadline = time.monotonic() + 15
@@ -283,7 +339,7 @@ def test_multinode_sbatch_starts_runs_and_stops_a_cluster(tmp_path: Path):
     if alive:
         os.killpg(proc.pid, signal.SIGKILL)
     assert not alive, "processes of the script survive it\n" + log
-    host, port = record["address"].removeprefix("tcp://").rsplit(":", 1)
+    host, port = record["address"].removeprefix("tls://").rsplit(":", 1)
     with pytest.raises(OSError), socket.create_connection((host, int(port)), timeout=2):
         pass
 

@@ -28,7 +28,7 @@ from dtm.config.base import (
     config_to_dict,
     format_validation_error,
 )
-from dtm.config.compute import ClusterConfig, ComputationalConfig
+from dtm.config.compute import ClusterConfig, ComputationalConfig, SecurityConfig
 from dtm.config.filters import (
     ArbitraryCurveFilterConfig,
     BandpassFilterConfig,
@@ -82,6 +82,7 @@ __all__ = [
     "PositiveInt",
     "PreprocessingFilters",
     "RefineConfig",
+    "SecurityConfig",
     "WhiteningFilterConfig",
     "config_hash",
     "config_to_dict",

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dtm.config.base import Positive, PositiveInt, _Model, _ordered, _Problem
+from dtm.config.base import InputFile, Positive, PositiveInt, _Model, _ordered, _Problem
 
 
 class ComputationalConfig(_Model):
@@ -47,6 +47,23 @@ class ComputationalConfig(_Model):
         return [int(str(item).removeprefix("cuda:")) for item in items]
 
 
+class SecurityConfig(_Model):
+    """TLS certificates of the Dask cluster, under the names of Dask's ``Security``.
+
+    Used to connect to a scheduler (``--scheduler tls://…``) and, for a cluster dtm starts,
+    by its scheduler and workers as well: the one certificate serves every role.
+    """
+
+    tls_ca_file: InputFile
+    """PEM file of the certificate authority that signed the cluster's certificates."""
+    tls_client_cert: InputFile
+    """PEM file of this side's certificate (may hold the key as well)."""
+    tls_client_key: InputFile | None = None
+    """PEM file of the certificate's private key, if not in ``tls_client_cert``."""
+    require_encryption: bool = True
+    """Refuse unencrypted (``tcp://``) connections."""
+
+
 class ClusterConfig(_Model):
     """Where the Dask workers come from, and how the search is cut into tasks."""
 
@@ -70,8 +87,16 @@ class ClusterConfig(_Model):
     worker_timeout: Positive | None = None
     """Seconds to wait for the first worker before giving up; default 60, and no limit for
     slurm, pbs and kubernetes, whose workers may wait in a queue."""
-    dashboard_address: str = ":8787"
-    """Dashboard address of a cluster that dtm starts."""
+    dashboard_address: str = "127.0.0.1:8787"
+    """Dashboard address of a cluster that dtm starts; without a host (':8787') it listens
+    on 127.0.0.1 only. '0.0.0.0:8787' opens it to the network."""
+    host: str | None = None
+    """Address the scheduler and the workers of a cluster dtm starts listen on; default
+    127.0.0.1 (local, gpu-local: this machine only) and every interface (slurm, pbs: the
+    jobs must reach the scheduler; TLS)."""
+    security: SecurityConfig | None = None
+    """TLS certificates: used to reach a tls:// scheduler and by clusters dtm starts
+    (slurm and pbs use temporary certificates without them)."""
     queue: str | None = None
     """Batch queue or partition (slurm, pbs)."""
     account: str | None = None
@@ -128,4 +153,9 @@ class ClusterConfig(_Model):
         for name in required.get(self.kind, ()):
             if getattr(self, name) is None:
                 raise _Problem(f"required with kind {self.kind}", name)
+        if self.kind == "kubernetes" and self.security is not None:
+            # KubeCluster and the Dask operator connect to the scheduler with plain tcp://.
+            raise _Problem(
+                "not supported with kind kubernetes (dask-kubernetes has no TLS)", "security"
+            )
         return self
