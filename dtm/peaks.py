@@ -125,16 +125,6 @@ def _radius_of(path: str) -> float | None:
     return template_radius(template.data)
 
 
-def _template_pixel_size(ds: xr.Dataset) -> float:
-    """Å per pixel of the template file (the maps' own unless they were Fourier-cropped)."""
-    return float(ds.attrs.get("original_pixel_size", _attr(ds, "pixel_size")))
-
-
-def _template_scale(ds: xr.Dataset) -> float:
-    """Template-file pixels per map pixel (above 1 after ``high_resolution_limit``)."""
-    return float(_attr(ds, "pixel_size")) / _template_pixel_size(ds)
-
-
 def min_distance_pixels(ds: xr.Dataset, picking: PeaksConfig) -> float:
     """Suppression radius of one micrograph's peaks, pixels of its maps.
 
@@ -149,7 +139,9 @@ def min_distance_pixels(ds: xr.Dataset, picking: PeaksConfig) -> float:
     radius = _radius_of(str(_attr(ds, "template_path")))
     if radius is None:
         return default_min_distance(int(_attr(ds, "template_shape")[-1]))
-    return radius / _template_scale(ds)
+    # The file's pixels → the maps' (larger after high_resolution_limit).
+    pixel_size = float(_attr(ds, "pixel_size"))
+    return radius * float(ds.attrs.get("original_pixel_size", pixel_size)) / pixel_size
 
 
 def _distinct(
