@@ -452,3 +452,20 @@ def test_pvalue_and_gev_metrics_pick_by_their_own_maps_and_cutoffs(tmp_path):
     assert threshold_summary(tmp_path) == (
         f"z* of gev = {cutoff:.2f} (1 false positive per micrograph)"
     )
+
+
+def test_dtm_peaks_takes_the_metric_and_its_cutoff(tmp_path, capsys):
+    from dtm.cli import main
+
+    write_store(tmp_path / "results.zarr", three_micrographs())
+    assert main(["peaks", str(tmp_path), "--metric", "pvalue", "--p-value-cutoff", "9"]) == 0
+    assert "-ln p* of pvalue = 9.00 (fixed)" in capsys.readouterr().out
+    picking = read_picking(tmp_path)
+    assert picking is not None and picking["options"]["metric"] == "pvalue"
+    table = pd.read_csv(tmp_path / "peaks.csv")
+    assert (table["neg_log_pvalue"] > 9.0).all()
+    before = (tmp_path / "peaks.csv").read_bytes()
+    # A cut-off the metric does not use is one line, and the tables stay as they were.
+    assert main(["peaks", str(tmp_path), "--metric", "gev", "--z-cutoff", "7"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert (tmp_path / "peaks.csv").read_bytes() == before
