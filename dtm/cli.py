@@ -115,7 +115,7 @@ def _cluster_options(
 def _match(args: argparse.Namespace) -> int:
     from dtm.config import load_match_config
     from dtm.match import run_match
-    from dtm.runlog import capture_logs
+    from dtm.runlog import keep_logs
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     if args.cluster:
@@ -123,16 +123,18 @@ def _match(args: argparse.Namespace) -> int:
     config = load_match_config(args.config, overrides or None)
     for line in config.notices:
         print(f"notice: {line}")
-    with capture_logs():
-        outcome = run_match(
-            config,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            strict=args.strict,
-            scheduler_address=args.scheduler,
-            n_workers=args.workers,
-            device=args.device,
-        )
+    # For the rest of the command (a client closing after a lost scheduler still logs):
+    # Dask's tracebacks go to the log file only.
+    args.restore_logs = keep_logs()
+    outcome = run_match(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        scheduler_address=args.scheduler,
+        n_workers=args.workers,
+        device=args.device,
+    )
     failed = outcome.failed
     if not failed:
         return EXIT_OK
@@ -370,9 +372,19 @@ def _sigterm_as_interrupt() -> Iterator[list[bool]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dtm`` command; returns the exit status."""
+    in_process = argv is not None  # called from Python: leave its logging as it was
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    try:
+        return _main(args)
+    finally:
+        if in_process:
+            for logger, handlers, propagate in getattr(args, "restore_logs", []):
+                logger.handlers, logger.propagate = handlers, propagate
+
+
+def _main(args: argparse.Namespace) -> int:
     func: Callable[[argparse.Namespace], int | None] = args.func
     terminated: list[bool] = []
     try:

@@ -96,7 +96,9 @@ def _local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
         processes=True,
         memory_limit=setting(cluster, "memory_limit", "auto"),
         dashboard_address=_free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
-        silence_logs=logging.ERROR,
+        # Task failures come back to the client, which says them in one line and keeps
+        # the traceback in its log file: the workers do not print them on the terminal.
+        silence_logs=logging.CRITICAL,
     )
 
 
@@ -139,7 +141,9 @@ def _gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> 
         threads_per_worker=setting(cluster, "threads_per_worker", 1),
         memory_limit=setting(cluster, "memory_limit", "auto"),
         dashboard_address=_free_dashboard_address(setting(cluster, "dashboard_address", ":8787")),
-        silence_logs=logging.ERROR,
+        # Task failures come back to the client, which says them in one line and keeps
+        # the traceback in its log file: the workers do not print them on the terminal.
+        silence_logs=logging.CRITICAL,
     )
 
 

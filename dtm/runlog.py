@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 
 #: Loggers whose records are kept instead of printed.
-LOGGERS = ("distributed", "tornado", "bokeh")
+LOGGERS = ("distributed", "tornado", "bokeh", "asyncio")
 #: Most log lines kept (the last ones).
 MAX_LINES = 2000
 
@@ -32,18 +32,30 @@ def captured_logs() -> list[str]:
     return list(_LINES)
 
 
-@contextlib.contextmanager
-def capture_logs() -> Iterator[None]:
-    """Keep the records of Dask's loggers in memory instead of printing them."""
+def keep_logs() -> list[tuple[logging.Logger, list[logging.Handler], bool]]:
+    """Keep the records of Dask's loggers in memory instead of printing them, for the
+    rest of the process (a client closing after a lost scheduler still logs, later);
+    returns what :func:`capture_logs` restores."""
     keep = _Keep()
     keep.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     saved = []
-    for name in LOGGERS:
+    names = set(LOGGERS)
+    for name, item in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(item, logging.Logger) and item.handlers and name.split(".")[0] in names:
+            names.add(name)  # distributed.client, tornado.application … have their own
+    for name in sorted(names):
         logger = logging.getLogger(name)
         saved.append((logger, list(logger.handlers), logger.propagate))
         logger.handlers = [keep]
         logger.propagate = False
     _LINES.clear()
+    return saved
+
+
+@contextlib.contextmanager
+def capture_logs() -> Iterator[None]:
+    """Keep the records of Dask's loggers in memory instead of printing them, inside."""
+    saved = keep_logs()
     try:
         yield
     finally:

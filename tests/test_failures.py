@@ -4,6 +4,7 @@ scheduler, a full disk, SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -158,30 +159,52 @@ def test_memory_limits_are_checked_before_anything_runs(data, tmp_path, capsys):
     assert "set cluster.memory_limit to at least" in line
 
 
-def test_workers_paused_for_memory_end_the_run_with_one_line(data, tmp_path, monkeypatch):
-    # Workers that pause at 1 % of their 2 GiB: paused as soon as they start, as a worker
-    # whose tasks fill its memory would be (the client's own check sees 2 GiB: it passes).
-    with monkeypatch.context() as env:
-        env.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE", "0.01")
-        cluster = _start_cli_cluster(tmp_path, n_workers=1)
+def _pause_every_worker(address: str) -> None:
+    """Make every worker pause as one whose tasks filled its memory does (Dask's own
+    memory monitor pauses it at once: its process uses more than 0.1 % of its limit)."""
+    import distributed
+
+    def pause_soon(dask_worker) -> None:
+        dask_worker.memory_manager.memory_pause_fraction = 0.001
+
+    with distributed.Client(address, timeout=10) as client:
+        client.run(pause_soon)
+
+
+def test_workers_paused_for_memory_end_the_run_with_one_line(data, tmp_path):
+    cluster = _start_cli_cluster(tmp_path, n_workers=1)
+    out = tmp_path / "out"
+    cfg = match_config(data / "mic_0.mrc", data / "template.mrc", out, cluster=FINE_CLUSTER)
+    cfg["cluster"]["stall_timeout"] = 10
+    config = write_config(tmp_path / "c.yaml", cfg)
     try:
-        out = tmp_path / "out"
-        cfg = match_config(data / "mic_0.mrc", data / "template.mrc", out)
-        cfg["cluster"]["stall_timeout"] = 10
-        config = write_config(tmp_path / "c.yaml", cfg)
-        start = time.monotonic()
-        result = _dtm("match", str(config), "--scheduler", cluster.address, timeout=120)
-        assert time.monotonic() - start < 60
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dtm.cli", "match", str(config)]
+            + ["--scheduler", cluster.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
+            _pause_every_worker(cluster.address)
+            start = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=120)
+            assert time.monotonic() - start < 60
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     finally:
         cluster.close()
-    assert result.returncode == 4, result.stderr
-    _no_traceback(result)
-    err = result.stderr.strip().splitlines()
-    assert len(err) == 2, result.stderr
+    assert proc.returncode == 4, stderr
+    assert "Traceback" not in stdout + stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 2, stderr
     assert "paused because they hit their memory limit" in err[0]
     assert "cluster.memory_limit" in err[0]
     assert err[1].endswith(f"--scheduler {cluster.address} --resume")
-    assert "paused for memory" in result.stdout  # on the progress line
+    assert "1 paused for memory" in stdout  # on the progress line
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -258,6 +281,18 @@ def _mount_tmpfs(path: Path, size: str) -> str | None:
     return None
 
 
+def _fill(path: Path) -> None:
+    """Fill the file system of ``path`` to the last byte."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 16, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+
+
 def test_full_disk_mid_run_is_one_message_and_resumes(data, tmp_path):
     disk = tmp_path / "disk"
     reason = _mount_tmpfs(disk, "8m")
@@ -278,18 +313,7 @@ def test_full_disk_mid_run_is_one_message_and_resumes(data, tmp_path):
         filler = disk / "filler"
         try:
             _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
-            with open(filler, "wb") as f:  # fill the disk to the last byte
-                block = b"\0" * 65536
-                try:
-                    while True:
-                        f.write(block)
-                except OSError:
-                    pass
-                try:
-                    while True:
-                        f.write(b"\0")
-                except OSError:
-                    pass
+            _fill(filler)
             stdout, stderr = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
