@@ -15,6 +15,7 @@ import math
 import shlex
 import signal
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -223,7 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dtm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    statuses = "\n".join(f"  {code:<4} {text}" for code, text in EXIT_STATUSES.items())
+    statuses = "\n".join(
+        textwrap.fill(
+            text,
+            79,
+            initial_indent=f"  {code:<4} ",
+            subsequent_indent=" " * 7,
+            break_on_hyphens=False,
+        )
+        for code, text in EXIT_STATUSES.items()
+    )
     match = sub.add_parser(
         "match",
         help="search micrographs for a template",

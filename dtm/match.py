@@ -12,7 +12,9 @@ import concurrent.futures
 import contextlib
 import functools
 import json
+import os
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -394,14 +396,19 @@ def _stopped(
     """A failure that stopped a run, as one line; its traceback goes to the log file."""
     what = _what_failed(exc, scheduler_address)
     log: str | None = None
-    with contextlib.suppress(OSError):
-        path = output_dir / LOG_FILE
-        with open(path, "a") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {what}\n")
-            traceback.print_exception(exc, file=f)
-            for line in captured_logs():
-                f.write(line + "\n")
+    # In output_dir; where it cannot be written (a full disk), in the temporary folder.
+    fallback = Path(tempfile.gettempdir()) / f"dtm-error-{os.getpid()}.log"
+    for path in (output_dir / LOG_FILE, fallback):
+        try:
+            with open(path, "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {what}\n")
+                f.write("".join(traceback.format_exception(exc)))
+                for line in captured_logs():
+                    f.write(line + "\n")
+        except OSError:
+            continue
         log = str(path)
+        break
     saved = _saved(output_dir, plans, total_tasks, what)
     return RunStopped(what, saved, log)
 
@@ -517,6 +524,7 @@ def _run(
             todo.append(plan)
     if not todo:
         return 0
+    total_tasks = len(chunks) * sum(plan.status != "failed" for plan in plans)
     split_every = config.cluster.split_every
     planned = {
         plan.name: leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan))
@@ -603,7 +611,7 @@ def _run(
                         print(f"failed: {plan.name}: {exc}", file=out)
                     plan.seconds = time.perf_counter() - started
                     monitor.touch()
-                    write_run_report(output_dir, plans, None, len(chunks) * len(todo))
+                    write_run_report(output_dir, plans, None, total_tasks)
                     # Only once run.json says the micrograph is done may its checkpoints go.
                     if plan.status == "done":
                         remove_output(_checkpoints(output_dir, plan), output_dir)

@@ -255,11 +255,13 @@ def validate_micrographs(
     plans = []
     for entry in entries:
         plan = MicrographPlan(entry, micrograph_optics(config, entry))
-        plan.digest = content_digest(entry.micrograph_path)
         try:
             micrograph = read_micrograph(entry.micrograph_path)
             check_compatible(micrograph, template, pixel_size=config.optics_group.pixel_size)
             plan.image_shape = (int(micrograph.data.shape[0]), int(micrograph.data.shape[1]))
+            # Only a file that was read whole is hashed (from the page cache, just read); an
+            # unreadable one has none, so that once fixed it counts as changed.
+            plan.digest = content_digest(entry.micrograph_path)
         except DtmError as exc:
             if strict or len(entries) == 1:
                 raise

@@ -87,6 +87,7 @@ class Progress:
     def __enter__(self) -> Progress:
         self._baseline = self.client.run_on_scheduler(_correlate_done)
         self._start = time.perf_counter()
+        self._last_progress = time.monotonic()
         self._thread.start()
         return self
 

@@ -266,6 +266,39 @@ def test_lost_scheduler_is_one_message_and_resumes_on_a_fresh_one(data, tmp_path
     _assert_same_maps(_maps(out), _maps(reference_out))
 
 
+def test_all_workers_lost_is_one_message(data, tmp_path):
+    cluster = _start_cli_cluster(tmp_path, n_workers=1)
+    out = tmp_path / "out"
+    cfg = match_config(data / "mic_0.mrc", data / "template.mrc", out, cluster=FINE_CLUSTER)
+    cfg["cluster"]["worker_timeout"] = 5
+    config = write_config(tmp_path / "c.yaml", cfg)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dtm.cli", "match", str(config)]
+            + ["--scheduler", cluster.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
+            cluster.kill_worker()
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        cluster.close()
+    assert proc.returncode == 4, stderr
+    assert "Traceback" not in stdout + stderr
+    err = stderr.strip().splitlines()
+    assert len(err) == 2, stderr
+    assert err[0].startswith("dtm: error: no dask worker left for 0m0")
+    assert "(all 1 lost)" in err[0]
+    assert "workers 0 (1 lost)" in stdout  # on the progress line, as it happened
+
+
 def _mount_tmpfs(path: Path, size: str) -> str | None:
     """Mount a tmpfs at ``path``; the reason it cannot be, or None."""
     path.mkdir()
