@@ -58,12 +58,17 @@ def run_outputs(names: list[str]) -> list[str]:
     single = len(names) == 1
     outputs += ["results.zarr"] if single else ["results.zarr/zarr.json"]
     for name in names:
-        prefix = "" if single else f"{name}_"
-        outputs += [f"maps/{prefix}{file}" for file in MRC_NAMES.values()]
+        outputs += micrograph_outputs(name, single)
         outputs.append(f"checkpoints/{token(name)}")
-        if not single:
-            outputs.append(f"results.zarr/{name}")
     return outputs
+
+
+def micrograph_outputs(name: str, single: bool) -> list[str]:
+    """The maps and results group of one micrograph of a run of several (``single``: its
+    maps only; the results group is then all of ``results.zarr``)."""
+    prefix = "" if single else f"{name}_"
+    outputs = [f"maps/{prefix}{file}" for file in MRC_NAMES.values()]
+    return outputs if single else [*outputs, f"results.zarr/{name}"]
 
 
 def file_digest(path: str | Path) -> str:

@@ -46,6 +46,7 @@ from dtm.jobfile import (
     check_output_dir,
     clear_outputs,
     completed_micrographs,
+    micrograph_outputs,
     output_lock,
     prepare_output,
     read_job,
@@ -264,11 +265,15 @@ def run_match(
                 # Only now, with valid inputs and a cluster, may the earlier results go.
                 if overwrite:
                     clear_outputs(output_dir, earlier_job, inputs)
-                # Checkpoints of a micrograph whose inputs changed are stale: they go
-                # before job.json records the new inputs.
+                # The checkpoints and maps of a micrograph whose inputs changed are stale:
+                # they go before job.json records the new inputs (a changed micrograph that
+                # now fails must not keep the maps, and peaks, of its former content).
                 for plan in plans:
                     if plan.name in changed:
                         remove_output(_checkpoints(output_dir, plan), output_dir)
+                        if len(plans) > 1:
+                            for relative in micrograph_outputs(plan.name, single=False):
+                                remove_output(output_dir / relative, output_dir)
                 # Outputs are recorded before they are written: --overwrite removes them.
                 earlier_outputs = recorded_outputs(previous) if previous is not None else []
                 write_job(

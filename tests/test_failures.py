@@ -130,6 +130,14 @@ def test_failed_micrographs_exit_3_then_fixed_and_resumed(data, all_good, tmp_pa
     assert again.returncode == 0, again.stderr
     assert "resuming: all 6 micrograph(s) done" in again.stdout
 
+    # A done micrograph replaced by a broken file loses its former maps (and peaks).
+    (mics / "mic_0.mrc").write_bytes(good_4[:3000])
+    broken = _dtm("match", str(config), "--workers", "2", "--resume")
+    assert broken.returncode == 3, broken.stderr
+    assert broken.stderr.startswith("dtm: failed: mic_0: ")
+    assert set(open_results(out)) == {f"mic_{i}" for i in range(1, N_MICROGRAPHS)}
+    assert not list((out / "maps").glob("mic_0_*"))
+
 
 def _one_line(argv: list[str], capsys: pytest.CaptureFixture[str], *expect: str) -> str:
     status = main(argv)
