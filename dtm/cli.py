@@ -17,6 +17,7 @@ import signal
 import sys
 import textwrap
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,9 @@ def _match(args: argparse.Namespace) -> int:
     # For the rest of the command (a client closing after a lost scheduler still logs):
     # Dask's tracebacks go to the log file only.
     args.restore_logs = keep_logs()
+    # Another program on the default dashboard port: the dashboard moves to a free one,
+    # and the link printed says where; the warning would only add a line to the terminal.
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
     outcome = run_match(
         config,
         resume=args.resume,

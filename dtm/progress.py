@@ -85,7 +85,8 @@ class Progress:
         self._problem: str | None = None
 
     def __enter__(self) -> Progress:
-        self._baseline = self.client.run_on_scheduler(_correlate_done)
+        self._baseline, workers, _ = self.client.run_on_scheduler(_snapshot)
+        self._workers_changed(workers)  # the workers at the start: later losses count
         self._start = time.perf_counter()
         self._last_progress = time.monotonic()
         self._thread.start()
@@ -142,9 +143,10 @@ class Progress:
             self._no_workers_since = self._no_workers_since or now
             lost_for = now - self._no_workers_since
             if self.worker_timeout is not None and lost_for >= self.worker_timeout:
+                lost = f"all {self.lost} lost" if self.lost else "none connected"
                 self._problem = (
-                    f"no dask worker left for {format_duration(lost_for)} (all "
-                    f"{self.most_workers} lost); start workers again, or check why they died"
+                    f"no dask worker left for {format_duration(lost_for)} ({lost}); start "
+                    "workers again, or check why they died"
                 )
             return  # waiting for workers is not a stall
         self._no_workers_since = None
