@@ -1,7 +1,10 @@
 """The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``, ``report``, ``browse``.
 
-User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2;
-nothing else is caught, so a bug keeps its traceback.
+User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2. A
+``dtm match`` run says in one or two lines what stopped it, what it saved and the command
+that resumes it, and exits with a status of its own (:data:`EXIT_STATUSES`); its traceback
+goes to a log file in ``output_dir``. Elsewhere nothing else is caught, so a bug keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -9,14 +12,40 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shlex
 import signal
 import sys
+import textwrap
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dtm.errors import DtmError
+from dtm.errors import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_STOPPED,
+    EXIT_TERMINATED,
+    EXIT_USER_ERROR,
+    DtmError,
+    RunStopped,
+)
+
+#: The exit statuses of ``dtm match`` (shown by ``dtm match --help``).
+EXIT_STATUSES = {
+    EXIT_OK: "every micrograph searched (or already done)",
+    EXIT_BUG: "an unexpected failure (a bug): its traceback is in output_dir/dtm-error.log",
+    EXIT_USER_ERROR: "a bad input, configuration or command line; nothing was run",
+    EXIT_SOME_FAILED: "finished, but some micrographs failed (listed on stderr and in "
+    "run.json); fix them and rerun with --resume",
+    EXIT_STOPPED: "stopped mid-run by the cluster or the output disk (scheduler or workers "
+    "lost, disk full, no progress); continue with --resume",
+    EXIT_INTERRUPTED: "interrupted by Ctrl-C (SIGINT); continue with --resume",
+    EXIT_TERMINATED: "stopped by SIGTERM (e.g. a batch job's time limit); continue with --resume",
+}
 
 #: The values of ``cluster.kind`` (kept here so that ``dtm --help`` imports no configuration
 #: code; a test checks them against :class:`dtm.config.ClusterConfig`).
@@ -85,9 +114,10 @@ def _cluster_options(
         parser.add_argument("--device", choices=["cpu", "gpu"], help="array backend of the workers")
 
 
-def _match(args: argparse.Namespace) -> None:
+def _match(args: argparse.Namespace) -> int:
     from dtm.config import load_match_config
-    from dtm.match import match_template
+    from dtm.match import run_match
+    from dtm.runlog import keep_logs
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     if args.cluster:
@@ -95,7 +125,13 @@ def _match(args: argparse.Namespace) -> None:
     config = load_match_config(args.config, overrides or None)
     for line in config.notices:
         print(f"notice: {line}")
-    match_template(
+    # For the rest of the command (a client closing after a lost scheduler still logs):
+    # Dask's tracebacks go to the log file only.
+    args.restore_logs = keep_logs()
+    # Another program on the default dashboard port: the dashboard moves to a free one,
+    # and the link printed says where; the warning would only add a line to the terminal.
+    warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+    outcome = run_match(
         config,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -104,6 +140,24 @@ def _match(args: argparse.Namespace) -> None:
         n_workers=args.workers,
         device=args.device,
     )
+    failed = outcome.failed
+    if not failed:
+        return EXIT_OK
+    sys.stdout.flush()
+    for plan in failed:
+        print(f"dtm: failed: {plan.name}: {plan.error}", file=sys.stderr)
+    print(
+        f"dtm: {len(failed)} of {len(outcome.plans)} micrograph(s) failed (listed in "
+        f"{outcome.output_dir / 'run.json'}); after fixing them: {_resume_command(args)}",
+        file=sys.stderr,
+    )
+    return EXIT_SOME_FAILED
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run: the same arguments, with ``--resume``."""
+    argv = [arg for arg in args.argv if arg not in ("--resume", "--overwrite")]
+    return shlex.join(["dtm", *argv, "--resume"])
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -174,7 +228,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dtm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    match = sub.add_parser("match", help="search micrographs for a template")
+    statuses = "\n".join(
+        textwrap.fill(
+            text,
+            79,
+            initial_indent=f"  {code:<4} ",
+            subsequent_indent=" " * 7,
+            break_on_hyphens=False,
+        )
+        for code, text in EXIT_STATUSES.items()
+    )
+    match = sub.add_parser(
+        "match",
+        help="search micrographs for a template",
+        description="Search micrographs for a template (see docs/many-micrographs.md).",
+        epilog=f"exit status:\n{statuses}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     match.add_argument("config", help="YAML configuration (dtm or Leopard-EM match_template)")
     match.add_argument("--output-dir", help="override output_dir of the configuration")
     mode = match.add_mutually_exclusive_group()
@@ -187,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument(
         "--strict",
         action="store_true",
-        help="stop at the first bad micrograph instead of skipping it",
+        help="refuse the run at the first bad micrograph (missing or unreadable) instead "
+        "of skipping it",
     )
     _cluster_options(match)
     match.set_defaults(func=_match)
@@ -294,24 +365,67 @@ def _reliable_interrupts() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+    """SIGTERM (what Slurm and ``kill`` send) stops the run as Ctrl-C does: what is
+    finished is recorded, the cluster is closed. Yields a flag set when it came."""
+    received: list[bool] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dtm`` command; returns the exit status."""
+    in_process = argv is not None  # called from Python: leave its logging as it was
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], None] = args.func
+    args.argv = argv
     try:
-        with _reliable_interrupts():
-            func(args)
+        return _main(args)
+    finally:
+        if in_process:
+            for logger, handlers, propagate in getattr(args, "restore_logs", []):
+                logger.handlers, logger.propagate = handlers, propagate
+
+
+def _main(args: argparse.Namespace) -> int:
+    func: Callable[[argparse.Namespace], int | None] = args.func
+    terminated: list[bool] = []
+    try:
+        with _reliable_interrupts(), _sigterm_as_interrupt() as terminated:
+            return func(args) or EXIT_OK
     except DtmError as exc:
         print(f"dtm: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        hint = ""
-        if args.command == "match":
-            output = f" --output-dir {args.output_dir}" if args.output_dir else ""
-            hint = f"; continue with: dtm match {args.config}{output} --resume"
-        print(f"dtm: interrupted{hint}", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_USER_ERROR
+    except RunStopped as exc:
+        sys.stdout.flush()
+        bug = exc.what.startswith("unexpected failure")
+        log = f" (details in {exc.log})" if exc.log else ""
+        print(f"dtm: error: {exc.what}{log}", file=sys.stderr)
+        print(f"dtm: {exc.saved}; continue with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_BUG if bug else EXIT_STOPPED
+    except KeyboardInterrupt as exc:
+        sys.stdout.flush()
+        what = "stopped by SIGTERM" if terminated else "interrupted"
+        if args.command != "match":
+            print(f"dtm: {what}", file=sys.stderr)
+        else:
+            saved = getattr(exc, "saved", "")
+            if saved:
+                print(f"dtm: {what}; {saved}", file=sys.stderr)
+            print(f"dtm: {what}; continue with: {_resume_command(args)}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -251,7 +251,9 @@ def _local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> Any:
             threads_per_worker=setting(cluster, "threads_per_worker", default_threads),
             processes=True,
             memory_limit=setting(cluster, "memory_limit", "auto"),
-            silence_logs=logging.ERROR,
+            # Task failures come back to the client, which says them in one line and keeps
+            # the traceback in its log file: the workers do not print them on the terminal.
+            silence_logs=logging.CRITICAL,
             **_listen_options(cluster, "local"),
         )
     )
@@ -295,7 +297,9 @@ def _gpu_local_cluster(cluster: ClusterConfig | None, n_workers: int | None) -> 
         n_workers=n_workers or setting(cluster, "n_workers"),
         threads_per_worker=setting(cluster, "threads_per_worker", 1),
         memory_limit=setting(cluster, "memory_limit", "auto"),
-        silence_logs=logging.ERROR,
+        # Task failures come back to the client, which says them in one line and keeps
+        # the traceback in its log file: the workers do not print them on the terminal.
+        silence_logs=logging.CRITICAL,
         **_listen_options(cluster, "gpu-local"),
     )
 

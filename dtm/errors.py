@@ -26,3 +26,47 @@ class ClusterError(DtmError, RuntimeError):
 
 class OutputError(DtmError, RuntimeError):
     """The output directory cannot be written, or holds results that must not be replaced."""
+
+
+#: Exit statuses of ``dtm match`` (documented in the README and ``dtm match --help``).
+EXIT_OK = 0
+#: An unexpected failure (a bug): its traceback is in the log file named on stderr.
+EXIT_BUG = 1
+#: A user error: bad input, configuration or command line; nothing was run.
+EXIT_USER_ERROR = 2
+#: The run finished, but some micrographs failed (listed on stderr and in ``run.json``).
+EXIT_SOME_FAILED = 3
+#: The run stopped on a failure of its cluster or output disk; ``--resume`` continues it.
+EXIT_STOPPED = 4
+#: Interrupted by Ctrl-C (SIGINT) / stopped by SIGTERM; ``--resume`` continues it.
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class RunStopped(Exception):
+    """A run stopped by its infrastructure (scheduler or workers lost, disk full, no
+    progress, …), not by its inputs: what happened in one line, and what was saved.
+
+    Attributes
+    ----------
+    what
+        What happened, one line.
+    saved
+        What the run saved (filled in by the match program), one line.
+    log
+        The file holding the traceback, if one was written.
+    """
+
+    def __init__(self, what: str, saved: str = "", log: str | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.saved = saved
+        self.log = log
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run, with what the run saved (``saved``, one line)."""
+
+    def __init__(self, saved: str = "") -> None:
+        super().__init__(saved)
+        self.saved = saved

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from dtm.plan import MicrographPlan
 
 JOB_FILE = "job.json"
+#: Where a run that stopped on a failure writes the traceback (never to the terminal).
+LOG_FILE = "dtm-error.log"
 #: The lock file that a ``dtm match`` run holds (``fcntl.flock``) in its output directory.
 LOCK_FILE = ".dtm-match.lock"
 #: Files of an output directory that every dtm match run writes (besides each micrograph's
@@ -41,6 +43,7 @@ FIXED_OUTPUTS = (
     "peaks.star",
     "peaks.json",
     "correlation_table.parquet",
+    LOG_FILE,
 )
 #: Folders of an output directory that dtm creates for the outputs inside them.
 OUTPUT_FOLDERS = ("results.zarr", "maps", "checkpoints")
@@ -55,12 +58,17 @@ def run_outputs(names: list[str]) -> list[str]:
     single = len(names) == 1
     outputs += ["results.zarr"] if single else ["results.zarr/zarr.json"]
     for name in names:
-        prefix = "" if single else f"{name}_"
-        outputs += [f"maps/{prefix}{file}" for file in MRC_NAMES.values()]
+        outputs += micrograph_outputs(name, single)
         outputs.append(f"checkpoints/{token(name)}")
-        if not single:
-            outputs.append(f"results.zarr/{name}")
     return outputs
+
+
+def micrograph_outputs(name: str, single: bool) -> list[str]:
+    """The maps and results group of one micrograph of a run of several (``single``: its
+    maps only; the results group is then all of ``results.zarr``)."""
+    prefix = "" if single else f"{name}_"
+    outputs = [f"maps/{prefix}{file}" for file in MRC_NAMES.values()]
+    return outputs if single else [*outputs, f"results.zarr/{name}"]
 
 
 def file_digest(path: str | Path) -> str:
@@ -133,7 +141,21 @@ def prepare_output(
         )
     previous = read_job(output_dir) if (exists and resume) else None
     if previous is not None:
-        changed = changed_keys(previous.get("fingerprint", {}), fingerprint)
+        earlier = previous.get("fingerprint", {})
+        # Each micrograph's own inputs may change: resume recomputes that micrograph.
+        changed = changed_keys(
+            {k: v for k, v in earlier.items() if k != "micrographs"},
+            {k: v for k, v in fingerprint.items() if k != "micrographs"},
+        )
+        names = list(earlier.get("micrographs") or {})
+        new_names = list(fingerprint.get("micrographs") or {})
+        if sorted(names) != sorted(new_names):
+            added = [n for n in new_names if n not in names]
+            removed = [n for n in names if n not in new_names]
+            parts = ([f"added {', '.join(added[:5])}"] if added else []) + (
+                [f"removed {', '.join(removed[:5])}"] if removed else []
+            )
+            changed.append(f"micrographs ({'; '.join(parts)})")
         if changed:
             raise ConfigError(
                 f"--resume: the configuration differs from the run in {output_dir}: "
@@ -366,8 +388,34 @@ def versions() -> dict[str, str]:
     return {name: str(getattr(mod, "__version__", "?")) for name, mod in modules.items()}
 
 
-def completed_micrographs(output_dir: Path) -> set[str]:
-    """Micrographs that ``run.json`` records as done (an unreadable report: none)."""
+def changed_micrographs(earlier: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, str]:
+    """Micrograph name → what changed since the earlier run's fingerprint (its file's
+    content, its CTF values, its path), for the micrographs whose own inputs changed."""
+    before = earlier.get("micrographs") or {}
+    changes = {}
+    for name, entry in (fingerprint.get("micrographs") or {}).items():
+        keys = changed_keys(before.get(name) or {}, entry)
+        if keys:
+            changes[name] = ", ".join("file content" if k == "digest" else k for k in keys)
+    return changes
+
+
+def recorded_statuses(output_dir: Path) -> dict[str, str]:
+    """Micrograph name → its status in ``run.json`` (an unreadable report: none)."""
+    try:
+        report = json.loads((output_dir / "run.json").read_text())
+        return {
+            str(name): str(item.get("status"))
+            for name, item in report.get("micrographs", {}).items()
+        }
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def completed_micrographs(output_dir: Path, digests: dict[str, str | None]) -> set[str]:
+    """Micrographs that ``run.json`` records as done from a file with the content they
+    have now (``digests``: name → :func:`dtm.plan.content_digest`); an unreadable report:
+    none."""
     path = output_dir / "run.json"
     try:
         report = json.loads(path.read_text())
@@ -375,6 +423,8 @@ def completed_micrographs(output_dir: Path) -> set[str]:
             name
             for name, item in report.get("micrographs", {}).items()
             if item.get("status") == "done"
+            and item.get("digest") is not None
+            and item.get("digest") == digests.get(name)
         }
     except (OSError, ValueError, AttributeError):
         # Missing or damaged: resume then recomputes from the checkpoints, never guesses.
@@ -385,17 +435,22 @@ def write_run_report(
     output_dir: Path,
     plans: list[MicrographPlan],
     wall: float | None,
-    tasks: tuple[int, int] | None = None,
+    tasks_total: int | None = None,
+    stopped: str | None = None,
 ) -> None:
-    """``run.json``: per micrograph status, timing and error; versions."""
+    """``run.json``: per micrograph status, timing, error and the content digest it was
+    searched with; the correlate tasks this invocation computed (only those that ran and
+    whose results were kept) and the run's total; versions. ``stopped``: why a run ended
+    before its end (it can be resumed)."""
     write_json(
         output_dir / "run.json",
         {
             "finished": wall is not None,
+            "stopped": stopped,
             "wall_seconds": wall,
-            # Correlate tasks computed by this invocation / in the whole search.
-            "tasks_computed": None if tasks is None else tasks[0],
-            "tasks_total": None if tasks is None else tasks[1],
+            "tasks_computed": sum(p.tasks_computed for p in plans),
+            "tasks_total": tasks_total,
+            "failed": sorted(p.name for p in plans if p.status == "failed"),
             "versions": versions(),
             "micrographs": {
                 p.name: {
@@ -403,6 +458,8 @@ def write_run_report(
                     "status": p.status,
                     "seconds": p.seconds,
                     "error": p.error,
+                    "digest": p.digest,
+                    "tasks_computed": p.tasks_computed,
                 }
                 for p in plans
             },

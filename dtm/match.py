@@ -8,11 +8,15 @@ one table over all micrographs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import json
+import os
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
@@ -22,9 +26,9 @@ import distributed
 import xarray as xr
 from dask.delayed import Delayed
 
-from dtm.cluster import session, worker_threads
+from dtm.cluster import QUEUED_KINDS, WORKER_TIMEOUT_S, resolve_kind, session, worker_threads
 from dtm.config import MatchConfig, config_to_dict, load_match_config
-from dtm.errors import DtmError, InputError
+from dtm.errors import DtmError, InputError, Interrupted, RunStopped
 from dtm.io.atomic import check_inside, remove_output
 from dtm.io.correlation_table import (
     TABLE_DIR,
@@ -36,14 +40,18 @@ from dtm.io.correlation_table import (
 from dtm.io.mrc import read_template
 from dtm.io.store import open_results
 from dtm.jobfile import (
+    LOG_FILE,
+    changed_micrographs,
     check_inputs_not_outputs,
     check_output_dir,
     clear_outputs,
     completed_micrographs,
+    micrograph_outputs,
     output_lock,
     prepare_output,
     read_job,
     recorded_outputs,
+    recorded_statuses,
     run_outputs,
     write_job,
     write_run_report,
@@ -65,11 +73,25 @@ from dtm.plan import (
     worker_memory,
 )
 from dtm.progress import Progress, format_duration
+from dtm.runlog import captured_logs
 from dtm.search import tasks
 from dtm.search.graph import leaves_to_compute, search_graph, token
 from dtm.search.persist import persist
 from dtm.search.prepare import fft_shape_for
 from dtm.search.space import SearchSpace
+
+
+@dataclass
+class MatchOutcome:
+    """What a ``dtm match`` run did: its output directory and each micrograph's fate."""
+
+    output_dir: Path
+    plans: list[MicrographPlan]
+
+    @property
+    def failed(self) -> list[MicrographPlan]:
+        """The micrographs that could not be searched (their ``error`` says why)."""
+        return [plan for plan in self.plans if plan.status == "failed"]
 
 
 def match_template(
@@ -106,8 +128,46 @@ def match_template(
     -------
     xarray.Dataset or dict of str to xarray.Dataset
         The results (lazily opened from ``output_dir/results.zarr``): one dataset for a
-        single micrograph, else one per micrograph name.
+        single micrograph, else one per micrograph name (micrographs that failed are
+        missing: ``run.json`` lists them).
+
+    Raises
+    ------
+    DtmError
+        A bad input or configuration (nothing was run).
+    RunStopped
+        The cluster or the output disk failed mid-run (scheduler or workers lost, disk
+        full, no progress): what happened and what was saved; ``resume=True`` continues.
     """
+    outcome = run_match(
+        config,
+        client,
+        resume=resume,
+        overwrite=overwrite,
+        strict=strict,
+        scheduler_address=scheduler_address,
+        n_workers=n_workers,
+        device=device,
+        out=out,
+    )
+    results = open_results(outcome.output_dir)
+    return next(iter(results.values())) if len(outcome.plans) == 1 else results
+
+
+def run_match(
+    config: MatchConfig | str | Path,
+    client: distributed.Client | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    strict: bool = False,
+    scheduler_address: str | None = None,
+    n_workers: int | None = None,
+    device: str | None = None,
+    out: TextIO | None = None,
+) -> MatchOutcome:
+    """:func:`match_template` without opening the results: what the ``dtm match`` command
+    runs (its exit status comes from the outcome)."""
     out = sys.stdout if out is None else out
     if not isinstance(config, MatchConfig):
         config = load_match_config(config)
@@ -156,6 +216,7 @@ def match_template(
     outputs = run_outputs([plan.name for plan in plans])
     inputs = run_inputs(config, plans)
     check_output_dir(output_dir)
+    chunks = space.chunks(chunk_size)
     with output_lock(output_dir):
         previous = prepare_output(output_dir, run_fingerprint, resume=resume, overwrite=overwrite)
         check_leopard_paths(config, overwrite or resume)
@@ -166,8 +227,12 @@ def match_template(
             # A damaged job file records nothing: its run's files are then only replaced.
             with contextlib.suppress(DtmError):
                 earlier_job = read_job(output_dir)
-        done = completed_micrographs(output_dir) if previous is not None else set()
-        chunks = space.chunks(chunk_size)
+        changed: dict[str, str] = {}
+        done: set[str] = set()
+        if previous is not None:
+            changed = changed_micrographs(previous.get("fingerprint") or {}, run_fingerprint)
+            digests = {plan.name: plan.digest for plan in plans}
+            done = completed_micrographs(output_dir, digests) - set(changed)
         n_skipped = len(plans) - len(valid)
         skipped = f" ({n_skipped} skipped)" if n_skipped else ""
         per_micrograph = f" ({len(chunks):,} per micrograph)" if len(valid) > 1 else ""
@@ -178,49 +243,78 @@ def match_template(
             f"≤ {chunk_size:,} orientations each",
             file=out,
         )
+        if previous is not None:
+            _say_what_resumes(output_dir, plans, done, changed, out)
         if sampling.crop_pixel_size is not None:
             print(
                 f"high_resolution_limit {config.high_resolution_limit:g} Å: searching at "
                 f"{sampling.pixel_size:.4g} Å/pixel, template box {sampling.box[0]}",
                 file=out,
             )
-        with session(
-            client,
-            config.cluster,
-            out=out,
-            scheduler_address=scheduler_address,
-            n_workers=n_workers,
-            device=run_device,
-        ) as client:
-            check_memory(connected_worker_memory(client))  # the workers' own limits
-            # Only now, with valid inputs and a cluster, may the earlier results go.
-            if overwrite:
-                clear_outputs(output_dir, earlier_job, inputs)
-            # Outputs are recorded before they are written: --overwrite removes them later.
-            earlier_outputs = recorded_outputs(previous) if previous is not None else []
-            write_job(
-                output_dir, config_to_dict(config), run_fingerprint, earlier_outputs + outputs
-            )
-            run_token = token(
-                f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}"
-            )
-            search = _Search(
-                config, sampling, space, chunks, output_dir, start, run_device, run_token
-            )
-            tasks_run, n_searched = _run(client, search, plans, done, out)
-            if config.table_settings() is not None:
-                _report_table(config, output_dir, out)
-            # A resumed run that had nothing left to search keeps the peaks picked earlier
-            # (perhaps re-picked with `dtm peaks`).
-            if n_searched or not (output_dir / "peaks.csv").exists():
-                _write_peaks(config, output_dir, out)
-            else:
-                print(
-                    "peaks: peaks.csv kept (nothing was searched; re-pick with dtm peaks)",
-                    file=out,
+        total_tasks = len(chunks) * len(valid)
+        try:
+            with session(
+                client,
+                config.cluster,
+                out=out,
+                scheduler_address=scheduler_address,
+                n_workers=n_workers,
+                device=run_device,
+            ) as client:
+                check_memory(connected_worker_memory(client))  # the workers' own limits
+                # Only now, with valid inputs and a cluster, may the earlier results go.
+                if overwrite:
+                    clear_outputs(output_dir, earlier_job, inputs)
+                # The checkpoints and maps of a micrograph whose inputs changed are stale:
+                # they go before job.json records the new inputs (a changed micrograph that
+                # now fails must not keep the maps, and peaks, of its former content).
+                for plan in plans:
+                    if plan.name in changed:
+                        remove_output(_checkpoints(output_dir, plan), output_dir)
+                        if len(plans) > 1:
+                            for relative in micrograph_outputs(plan.name, single=False):
+                                remove_output(output_dir / relative, output_dir)
+                # Outputs are recorded before they are written: --overwrite removes them.
+                earlier_outputs = recorded_outputs(previous) if previous is not None else []
+                write_job(
+                    output_dir, config_to_dict(config), run_fingerprint, earlier_outputs + outputs
                 )
-        wall = time.perf_counter() - t0
-        write_run_report(output_dir, plans, wall, (tasks_run, len(chunks) * len(valid)))
+                run_token = token(
+                    f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}"
+                )
+                search = _Search(
+                    config,
+                    sampling,
+                    space,
+                    chunks,
+                    output_dir,
+                    start,
+                    run_device,
+                    run_token,
+                    _worker_timeout(config, scheduler_address, run_device),
+                )
+                n_searched = _run(client, search, plans, done, out, strict)
+                if config.table_settings() is not None:
+                    _report_table(config, output_dir, out)
+                # A resumed run that had nothing left to search keeps the peaks picked
+                # earlier (perhaps re-picked with `dtm peaks`).
+                if n_searched or not (output_dir / "peaks.csv").exists():
+                    _write_peaks(config, output_dir, out)
+                else:
+                    print(
+                        "peaks: peaks.csv kept (nothing was searched; re-pick with dtm peaks)",
+                        file=out,
+                    )
+            wall = time.perf_counter() - t0
+            write_run_report(output_dir, plans, wall, total_tasks)
+        except DtmError:
+            raise
+        except KeyboardInterrupt as exc:
+            saved = _saved(output_dir, plans, total_tasks, "interrupted")
+            raise Interrupted(saved) from exc
+        except BaseException as exc:  # noqa: BLE001 (every failure: one line, and a log)
+            raise _stopped(exc, output_dir, plans, total_tasks, scheduler_address) from None
+    tasks_run = sum(plan.tasks_computed for plan in plans)
     # Only the correlations computed by this run: restored checkpoints cost nothing.
     computed = tasks_run * space.n_correlations / len(chunks)
     speed = (
@@ -235,9 +329,134 @@ def match_template(
     )
     failed = [p for p in plans if p.status == "failed"]
     if failed:
-        print(f"{len(failed)} micrograph(s) skipped: see {output_dir / 'run.json'}", file=out)
-    results = open_results(output_dir)
-    return next(iter(results.values())) if len(plans) == 1 else results
+        print(f"{len(failed)} micrograph(s) failed: see {output_dir / 'run.json'}", file=out)
+    return MatchOutcome(output_dir, plans)
+
+
+def _say_what_resumes(
+    output_dir: Path,
+    plans: list[MicrographPlan],
+    done: set[str],
+    changed: dict[str, str],
+    out: TextIO,
+) -> None:
+    """One line: which micrographs a resumed run searches again, and why."""
+    statuses = recorded_statuses(output_dir)
+    reasons = []
+    for plan in plans:
+        if plan.name in done or plan.status == "failed":
+            continue
+        if plan.name in changed:
+            reasons.append(f"{plan.name} (changed: {changed[plan.name]})")
+        elif statuses.get(plan.name) == "failed":
+            reasons.append(f"{plan.name} (failed before)")
+        elif statuses.get(plan.name) == "done":
+            reasons.append(f"{plan.name} (its maps were not recorded with this content)")
+        else:
+            reasons.append(f"{plan.name} (not finished)")
+    if reasons:
+        more = f", and {len(reasons) - 10} more" if len(reasons) > 10 else ""
+        shown = ", ".join(reasons[:10]) + more
+        print(f"resuming: {len(done)} micrograph(s) done; searching {shown}", file=out)
+    else:
+        print(f"resuming: all {len(done)} micrograph(s) done", file=out)
+
+
+def _worker_timeout(
+    config: MatchConfig, scheduler_address: str | None, device: str
+) -> float | None:
+    """Seconds without any worker after which a run stops (None: it waits, for workers
+    that are batch jobs or pods)."""
+    if config.cluster.worker_timeout is not None:
+        return float(config.cluster.worker_timeout)
+    kind = resolve_kind(config.cluster, scheduler_address, device)
+    return None if kind in QUEUED_KINDS else WORKER_TIMEOUT_S
+
+
+def _saved(output_dir: Path, plans: list[MicrographPlan], total_tasks: int, stopped: str) -> str:
+    """Record what a stopped run saved in ``run.json`` (if the disk lets it); one line."""
+    with contextlib.suppress(OSError, DtmError):
+        write_run_report(output_dir, plans, None, total_tasks, stopped=stopped)
+    n_done = sum(plan.status == "done" for plan in plans)
+    n_failed = sum(plan.status == "failed" for plan in plans)
+    try:
+        groups = len(list((output_dir / "checkpoints").rglob("group-*.npz")))
+    except OSError:
+        groups = 0
+    parts = [f"{n_done} of {len(plans)} micrograph(s) done"]
+    if n_failed:
+        parts.append(f"{n_failed} failed")
+    if groups:
+        parts.append(f"{groups} group(s) of tasks checkpointed")
+    return f"saved in {output_dir}: {', '.join(parts)}"
+
+
+def _stopped(
+    exc: BaseException,
+    output_dir: Path,
+    plans: list[MicrographPlan],
+    total_tasks: int,
+    scheduler_address: str | None,
+) -> RunStopped:
+    """A failure that stopped a run, as one line; its traceback goes to the log file."""
+    what = _what_failed(exc, scheduler_address)
+    log: str | None = None
+    # In output_dir; where it cannot be written (a full disk), in the temporary folder.
+    fallback = Path(tempfile.gettempdir()) / f"dtm-error-{os.getpid()}.log"
+    for path in (output_dir / LOG_FILE, fallback):
+        try:
+            with open(path, "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {what}\n")
+                f.write("".join(traceback.format_exception(exc)))
+                for line in captured_logs():
+                    f.write(line + "\n")
+        except OSError:
+            continue
+        log = str(path)
+        break
+    saved = _saved(output_dir, plans, total_tasks, what)
+    return RunStopped(what, saved, log)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first OSError with an errno in an exception's chain."""
+    seen: set[int] = set()
+    item: BaseException | None = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        if isinstance(item, OSError) and item.errno is not None:
+            return item
+        item = item.__cause__ or item.__context__
+    return None
+
+
+def _what_failed(exc: BaseException, scheduler_address: str | None) -> str:
+    """What happened, in words a user acts on."""
+    import asyncio
+    import errno
+
+    from distributed.comm import CommClosedError
+
+    if isinstance(exc, RunStopped):
+        return exc.what
+    error = _os_error(exc)
+    if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"the output disk is full{where}; free space, or choose another output_dir"
+    if error is not None and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        where = f" {error.filename}" if error.filename else ""
+        return f"cannot write{where} any more ({error.strerror})"
+    if isinstance(exc, concurrent.futures.CancelledError | asyncio.CancelledError):
+        return "lost the connection to the dask scheduler (it stopped or is unreachable)"
+    if isinstance(exc, CommClosedError | OSError | TimeoutError):
+        return f"lost the connection to the dask scheduler ({type(exc).__name__})"
+    if type(exc).__name__ == "KilledWorker":
+        return (
+            "a task killed every worker that ran it (most often: out of memory); give the "
+            "workers more memory (cluster.memory_limit)"
+        )
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"unexpected failure: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def run_inputs(config: MatchConfig, plans: list[MicrographPlan]) -> list[Path]:
@@ -268,6 +487,7 @@ class _Search:
     start: str  # the run's start time, recorded in every dataset
     device: str
     token: str  # in every task key: two runs sharing a scheduler never share a task
+    worker_timeout: float | None = None  # seconds without workers before the run stops
 
 
 def _run(
@@ -276,14 +496,22 @@ def _run(
     plans: list[MicrographPlan],
     done: set[str],
     out: TextIO,
-) -> tuple[int, int]:
+    strict: bool = False,
+) -> int:
     """Search every micrograph still to search, a window of them at a time; record each.
 
     Micrographs are submitted as the earlier ones finish, enough of them to keep every
     worker thread busy, so that a project of thousands of micrographs never holds all
     their graphs at once (on the client or on the scheduler) and the first ones finish,
-    and are recorded for ``--resume``, early. Returns the number of correlation tasks
-    computed (not restored from checkpoints) and of micrographs whose maps were written.
+    and are recorded for ``--resume``, early. Each micrograph's ``tasks_computed`` counts
+    the correlate tasks this run computed for it (not those restored from checkpoints,
+    nor those that never ran). Returns the number of micrographs whose maps were written.
+
+    Raises
+    ------
+    RunStopped
+        No task finished for ``cluster.stall_timeout`` seconds (workers paused for memory),
+        or no worker was left for ``worker_timeout`` seconds.
     """
     config, space, chunks, output_dir = (
         search.config,
@@ -300,11 +528,14 @@ def _run(
         else:
             todo.append(plan)
     if not todo:
-        return 0, 0
+        return 0
+    total_tasks = len(chunks) * sum(plan.status != "failed" for plan in plans)
     split_every = config.cluster.split_every
-    n_tasks = sum(
-        leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan)) for plan in todo
-    )
+    planned = {
+        plan.name: leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan))
+        for plan in todo
+    }
+    n_tasks = sum(planned.values())
     if n_tasks < len(chunks) * len(todo):
         print(
             f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "
@@ -334,41 +565,69 @@ def _run(
         template_node=template_node,
         single=len(plans) == 1,
     )
-    waiting, running = list(reversed(todo)), distributed.as_completed()
-    plan_of: dict[str, MicrographPlan] = {}
+    waiting = list(reversed(todo))
+    plan_of: dict[distributed.Future, MicrographPlan] = {}
 
     def submit() -> None:
         """Submit micrographs until enough correlate tasks are in flight."""
         wanted = TASKS_IN_FLIGHT_PER_THREAD * max(1, worker_threads(client))
         while waiting and (len(plan_of) < 2 or len(plan_of) * len(chunks) < wanted):
             plan = waiting.pop()
-            future = client.compute(graph(plan))
-            plan_of[future.key] = plan
-            running.add(future)
+            plan_of[client.compute(graph(plan))] = plan
+
+    def computed(plan: MicrographPlan) -> int:
+        """Correlate tasks of ``plan`` computed so far and kept (checkpointed)."""
+        left = leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan))
+        return max(0, planned[plan.name] - left)
 
     per_task = space.n_correlations / max(len(chunks), 1)
     started = time.perf_counter()
-    with Progress(client, n_tasks, per_task, stream=out):
-        submit()
-        for future in running:
-            plan = plan_of.pop(future.key)
-            try:
-                future.result()
-                plan.status = "done"
-            except DtmError as exc:
-                if len(plans) == 1:
-                    raise
-                plan.status, plan.error = "failed", str(exc)
-            plan.seconds = time.perf_counter() - started
-            write_run_report(output_dir, plans, None)
-            # Only once run.json says the micrograph is done may its checkpoints go.
-            if plan.status == "done":
-                remove_output(_checkpoints(output_dir, plan), output_dir)
-            future.release()  # lets the scheduler forget this micrograph's graph
+    monitor = Progress(
+        client,
+        n_tasks,
+        per_task,
+        stream=out,
+        stall_timeout=config.cluster.stall_timeout,
+        worker_timeout=search.worker_timeout,
+    )
+    try:
+        with monitor:
             submit()
+            while plan_of:
+                try:
+                    finished = distributed.wait(
+                        list(plan_of), timeout=1.0, return_when="FIRST_COMPLETED"
+                    ).done
+                except TimeoutError:
+                    finished = set()
+                problem = monitor.problem()
+                if problem is not None:
+                    raise RunStopped(problem)
+                for future in finished:
+                    plan = plan_of.pop(future)
+                    try:
+                        future.result()
+                        plan.status, plan.tasks_computed = "done", planned[plan.name]
+                    except DtmError as exc:
+                        if len(plans) == 1 or strict:
+                            raise
+                        plan.status, plan.error = "failed", str(exc)
+                        plan.tasks_computed = computed(plan)
+                        print(f"failed: {plan.name}: {exc}", file=out)
+                    plan.seconds = time.perf_counter() - started
+                    monitor.touch()
+                    write_run_report(output_dir, plans, None, total_tasks)
+                    # Only once run.json says the micrograph is done may its checkpoints go.
+                    if plan.status == "done":
+                        remove_output(_checkpoints(output_dir, plan), output_dir)
+                    future.release()  # lets the scheduler forget this micrograph's graph
+                    submit()
+    finally:
+        for plan in plan_of.values():  # stopped: what the unfinished ones kept
+            plan.tasks_computed = computed(plan)
     with contextlib.suppress(OSError):  # kept while a micrograph still has checkpoints
         (output_dir / "checkpoints").rmdir()
-    return n_tasks, sum(plan.status == "done" for plan in todo)
+    return sum(plan.status == "done" for plan in todo)
 
 
 def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:

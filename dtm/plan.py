@@ -6,6 +6,7 @@ bad input stops the run with nothing touched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,13 @@ _STATS_BYTES = 28
 
 def _gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:,.1f} GiB"
+
+
+def _bytes(n_bytes: float) -> str:
+    """``1.5 GiB``, ``300 MiB``, ``1000 B``: readable at any size."""
+    from dask.utils import format_bytes
+
+    return str(format_bytes(int(n_bytes)))
 
 
 def check_search_size(config: MatchConfig, n_micrographs: int) -> None:
@@ -143,19 +151,46 @@ def check_search_memory(
         + n_defocus * fft_shape[0] * fft_shape[1] * 4  # one orientation's correlations
         + _STATS_BYTES * positions * (config.cluster.split_every + 1)
     )
-    if memory is not None and per_task > memory:
-        raise ConfigError(
-            f"search: a task needs about {_gib(per_task)} ({n_defocus} defocus planes of "
-            f"{fft_shape[0]}×{fft_shape[1]} pixels), more than a worker's {_gib(memory)}; "
-            "increase defocus_search_config.defocus_step, or give the workers more memory "
-            "(cluster.memory_limit)"
-        )
     table = 24 * n_orientations
+    if memory is not None:
+        check_worker_memory(
+            per_task, memory, f"{n_defocus} defocus planes of {fft_shape[0]}×{fft_shape[1]} pixels"
+        )
     if table > MEMORY_LIMIT:
         raise ConfigError(
             f"orientation_search_config: the table of {n_orientations:.3g} orientations "
             f"needs {_gib(table)}, more than this machine's {_gib(MEMORY_LIMIT)}; increase "
             "orientation_search_config.psi_step or theta_step"
+        )
+
+
+#: Memory of an idle worker process with dtm's task modules imported (Python, numpy,
+#: scipy, distributed: about 150 MB measured; rounded up).
+WORKER_BASE_BYTES = 256 * 2**20
+
+
+def check_worker_memory(per_task: float, memory: float, what: str) -> None:
+    """Refuse workers whose memory limit cannot hold one task: Dask pauses a worker whose
+    process uses more than ``distributed.worker.memory.pause`` (80 %) of its limit, and a
+    worker paused for ever makes a run hang.
+
+    Raises
+    ------
+    ConfigError
+        One line naming the task's need, the workers' limit and what to change.
+    """
+    import dask
+
+    pause = dask.config.get("distributed.worker.memory.pause", 0.8) or 1.0
+    needed = (WORKER_BASE_BYTES + per_task) / float(pause)
+    if needed > memory:
+        raise ConfigError(
+            f"cluster.memory_limit: {_bytes(memory)} per worker, but a task needs about "
+            f"{_bytes(per_task)} ({what}) on top of the worker process's own "
+            f"{_bytes(WORKER_BASE_BYTES)}: more than the {float(pause):.0%} of the limit at "
+            f"which Dask pauses a worker; set cluster.memory_limit to at least "
+            f"{_bytes(needed)}, or search smaller micrographs (high_resolution_limit) or "
+            "fewer defocus planes (defocus_search_config)"
         )
 
 
@@ -172,6 +207,10 @@ class MicrographPlan:
     status: str = "pending"
     error: str | None = None
     seconds: float | None = None
+    #: blake2b of the file's bytes (None: unreadable): resume recomputes a changed file.
+    digest: str | None = None
+    #: Correlate tasks of this micrograph that this run computed.
+    tasks_computed: int = 0
 
     @property
     def name(self) -> str:
@@ -220,6 +259,9 @@ def validate_micrographs(
             micrograph = read_micrograph(entry.micrograph_path)
             check_compatible(micrograph, template, pixel_size=config.optics_group.pixel_size)
             plan.image_shape = (int(micrograph.data.shape[0]), int(micrograph.data.shape[1]))
+            # Only a file that was read whole is hashed (from the page cache, just read); an
+            # unreadable one has none, so that once fixed it counts as changed.
+            plan.digest = content_digest(entry.micrograph_path)
         except DtmError as exc:
             if strict or len(entries) == 1:
                 raise
@@ -229,16 +271,16 @@ def validate_micrographs(
     return plans
 
 
-def _file_identity(path: Path) -> list[int]:
-    """Size and modification time of a micrograph: a file replaced at the same path shows.
+def content_digest(path: str | Path) -> str | None:
+    """A fast hash (blake2b, 128 bits) of a file's bytes; None when it cannot be read.
 
-    (The template is hashed whole; hashing thousands of micrographs would cost minutes.)
+    Content, not time stamps: a ``touch`` or a copy keeps it, a replaced file changes it.
     """
     try:
-        stat = Path(path).stat()
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
     except OSError:
-        return [0, 0]
-    return [stat.st_size, stat.st_mtime_ns]
+        return None
 
 
 def fingerprint(
@@ -251,12 +293,7 @@ def fingerprint(
     return {
         "template": file_digest(config.template_volume_path),
         "micrographs": {
-            p.name: {
-                **p.entry.model_dump(mode="json"),
-                "status_ok": p.status != "failed",
-                "file": _file_identity(p.entry.micrograph_path),
-            }
-            for p in plans
+            p.name: {**p.entry.model_dump(mode="json"), "digest": p.digest} for p in plans
         },
         "optics_group": optics,
         "orientation_search_config": cfg["orientation_search_config"],

@@ -303,7 +303,7 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(good, tmp_path):
             run.communicate()
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
-        f"dtm: interrupted; continue with: dtm match {config} --resume"
+        f"dtm: interrupted; continue with: dtm match {config} --workers 1 --resume"
     )
     assert "Traceback" not in err
 

@@ -278,6 +278,11 @@ def test_angle_ranges_need_c1(tmp_path: Path) -> None:
         ),
         ({"cluster": {"kind": "pbs", "cores": 8}}, "cluster.memory: required with kind pbs"),
         (
+            {"cluster": {"memory_limit": "lots"}},
+            "cluster.memory_limit: expected an amount of memory such as '8GB'",
+        ),
+        ({"cluster": {"memory": "-3GB"}}, "cluster.memory: expected an amount of memory"),
+        (
             {"peaks": {"z_score_cutoff": float("nan")}},
             "peaks.z_score_cutoff: Input should be a finite number",
         ),
@@ -412,11 +417,6 @@ def test_micrograph_table_relion_star(tmp_path: Path) -> None:
     ("rows", "expected"),
     [
         (
-            "micrograph_path,defocus_u,defocus_v,astigmatism_angle\n"
-            "mics/m1.mrc,1,1,0\nmics/gone.mrc,1,1,0\n",
-            "mics.csv: row 2: micrograph_path: file not found (got {folder}/mics/gone.mrc)",
-        ),
-        (
             "micrograph_path,defocus_u,defocus_v,astigmatism_angle,name\n"
             "mics/m1.mrc,1,1,0,x\nmics/m2.mrc,1,1,0,y\nmics/m2.mrc,1,1,0,x\n",
             "mics.csv: rows 1 and 3: duplicate micrograph name (got 'x')",
@@ -438,6 +438,19 @@ def test_micrograph_table_errors(tmp_path: Path, rows: str, expected: str) -> No
     message = _match_error(tmp_path, data)
     assert expected.format(folder=folder) in message
     assert message.startswith(str(folder / "mics.csv"))
+
+
+def test_a_missing_micrograph_in_a_table_is_left_to_the_run(tmp_path: Path) -> None:
+    """Missing and unreadable micrographs are treated alike: skipped and reported when the
+    run starts (refused with --strict), not refused when the table is read."""
+    folder = _table_folder(tmp_path)
+    (folder / "mics.csv").write_text(
+        "micrograph_path,defocus_u,defocus_v,astigmatism_angle\n"
+        "mics/m1.mrc,1,1,0\nmics/gone.mrc,1,1,0\n"
+    )
+    entries = load_micrograph_table(folder / "mics.csv")
+    assert [entry.name for entry in entries] == ["m1", "gone"]
+    assert entries[1].micrograph_path == folder / "mics" / "gone.mrc"
 
 
 @pytest.mark.parametrize(

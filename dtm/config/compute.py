@@ -131,7 +131,25 @@ class ClusterConfig(_Model):
     with device gpu: {limits: {nvidia.com/gpu: 1}})."""
     namespace: str | None = None
     """Namespace (kubernetes)."""
+    stall_timeout: Positive | None = 600.0
+    """Seconds without any finished task (every worker paused for memory, or none left)
+    after which the run stops with a message (resume it with --resume); null: never."""
     _check_adapt = _ordered("adapt_minimum", "adapt_maximum")
+
+    @field_validator("memory_limit", "memory")
+    @classmethod
+    def _check_bytes(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        from dask.utils import parse_bytes
+
+        try:
+            n_bytes = parse_bytes(value)
+        except (ValueError, TypeError):
+            n_bytes = None
+        if not n_bytes or n_bytes <= 0:
+            raise ValueError("expected an amount of memory such as '8GB', '512MiB' or 'auto'")
+        return value
 
     @model_validator(mode="after")
     def _address_rule(self) -> ClusterConfig:

@@ -9,14 +9,22 @@ import pandas as pd
 import pydantic
 from pydantic import model_validator
 
-from dtm.config.base import InputFile, _Model, _Problem, check_strings, format_validation_error
+from dtm.config.base import (
+    OutputPath,
+    _Model,
+    _Problem,
+    check_strings,
+    format_validation_error,
+)
 from dtm.errors import ConfigError
 
 
 class MicrographEntry(_Model):
     """One micrograph with its CTF fit."""
 
-    micrograph_path: InputFile
+    # Not checked here: a missing micrograph, like an unreadable one, is skipped and
+    # reported when the run starts (refused with --strict).
+    micrograph_path: OutputPath
     """Micrograph .mrc."""
     defocus_u: float
     """Defocus along the major axis, Å, underfocus positive."""
