@@ -12,8 +12,8 @@ two custom worker metrics, sent to the scheduler with each heartbeat:
 Where to see them, on the scheduler's dashboard:
 
 ``/dtm``
-    A page added by :func:`install`: the cluster's correlations/s over the last ten minutes
-    and a bar per worker, refreshed every second.
+    A page added by :func:`install`: the cluster's correlations/s over the last ten minutes,
+    a bar per worker, and how many workers were lost and came back, refreshed every second.
 ``/dtm/correlations.json``
     The same numbers as JSON (per worker and summed), for scripts and monitoring.
 ``/workers``
@@ -100,7 +100,8 @@ class CorrelationCounter(WorkerPlugin):
 
 
 def cluster_rates(scheduler: Scheduler) -> dict[str, Any]:
-    """Correlations/s and totals per worker (last heartbeat) and for the whole cluster."""
+    """Correlations/s and totals per worker (last heartbeat) and for the whole cluster, and
+    how many workers left the cluster and came back (by name) since the page was added."""
     workers = {
         address: {
             "name": str(ws.name),
@@ -109,10 +110,13 @@ def cluster_rates(scheduler: Scheduler) -> dict[str, Any]:
         }
         for address, ws in scheduler.workers.items()
     }
+    page = scheduler.plugins.get(PAGE_PLUGIN_NAME)
     return {
         "workers": workers,
         "correlations_per_second": sum(w["correlations_per_second"] for w in workers.values()),
         "correlations_total": sum(w["correlations_total"] for w in workers.values()),
+        "workers_lost": int(getattr(page, "lost", 0)),
+        "workers_returned": int(getattr(page, "returned", 0)),
     }
 
 
@@ -165,7 +169,9 @@ def _page(scheduler: Scheduler, extra: dict[str, Any], doc: Document) -> None:
         )
         summary.text = (
             f"<b>{rates['correlations_per_second']:,.0f} correlations/s</b> on "
-            f"{len(names)} workers; {rates['correlations_total']:,} correlations counted"
+            f"{len(names)} workers ({rates['workers_lost']} lost, "
+            f"{rates['workers_returned']} returned); "
+            f"{rates['correlations_total']:,} correlations counted"
         )
 
     update()
@@ -180,7 +186,24 @@ class DashboardPage(SchedulerPlugin):
     name = PAGE_PLUGIN_NAME
     idempotent = True
 
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        #: Workers removed from the cluster (lost, killed or retired), and workers that came
+        #: back under a name seen before (a nanny's restart, a resubmitted batch job).
+        self.lost = 0
+        self.returned = 0
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        state = scheduler.workers.get(worker)
+        name = str(state.name if state is not None else worker)
+        self.returned += name in self.names
+        self.names.add(name)
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        self.lost += 1
+
     async def start(self, scheduler: Scheduler) -> None:
+        self.names |= {str(state.name) for state in scheduler.workers.values()}
         application = getattr(scheduler, "http_application", None)
         if application is None:
             return

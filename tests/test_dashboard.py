@@ -123,3 +123,25 @@ def test_dtm_page_shows_the_rate_in_a_browser(cluster: tuple[distributed.Client,
     text = run_page(f"{base}/dtm", script)
     assert f"{PER_TASK * N_TASKS:,} correlations counted" in text
     assert "on 2 workers" in text
+
+
+def test_lost_and_returning_workers_are_counted() -> None:
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0"
+        ) as local,
+        distributed.Client(local) as client,
+    ):
+        install(client)
+        assert worker_rates(client)["workers_lost"] == 0
+        (address,) = client.scheduler_info()["workers"]
+        # The nanny restarts its worker: it leaves the cluster and comes back under its name.
+        client.restart_workers([address])
+        client.wait_for_workers(1)
+        deadline = time.monotonic() + 30
+        while worker_rates(client)["workers_returned"] < 1:
+            assert time.monotonic() < deadline, "the returning worker was never counted"
+            time.sleep(0.2)
+        rates = worker_rates(client)
+        assert rates["workers_lost"] == 1 and rates["workers_returned"] == 1
+        assert len(rates["workers"]) == 1
