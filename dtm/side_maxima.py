@@ -74,7 +74,7 @@ class SearchModel:
         return out
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1)  # a template spectrum can take gigabytes
 def _cached_model(micrograph_path: str, template_path: str, attrs_json: str) -> SearchModel | None:
     attrs = json.loads(attrs_json)
     pixel_size = float(attrs["pixel_size"])
@@ -98,7 +98,8 @@ def _cached_model(micrograph_path: str, template_path: str, attrs_json: str) -> 
 
 def search_model(attrs: Mapping[str, Any]) -> SearchModel | None:
     """The :class:`SearchModel` of a results dataset's attributes (its micrograph, template,
-    optics and filter settings); None when the files cannot be read. Cached per process."""
+    optics and filter settings); None when the files cannot be read. The last one is kept
+    per process (picking the same micrograph again reuses it)."""
     keys = ["pixel_size", "original_pixel_size", "high_resolution_limit", "config"]
     keys += [field for field in Optics.__dataclass_fields__]
     subset = {key: attrs.get(key) for key in keys}
