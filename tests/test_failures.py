@@ -57,6 +57,17 @@ def _dtm(*args: str, timeout: float = 300, env: dict | None = None) -> subproces
     )
 
 
+def _dtm_process(*args: str, **options: object) -> subprocess.Popen:
+    """``dtm ARGS`` started in the background, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dtm.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 def _maps(out: Path) -> dict:
     return {name: ds.load() for name, ds in open_results(out).items()}
 
@@ -186,13 +197,7 @@ def test_workers_paused_for_memory_end_the_run_with_one_line(data, tmp_path):
     cfg["cluster"]["stall_timeout"] = 10
     config = write_config(tmp_path / "c.yaml", cfg)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dtm.cli", "match", str(config)]
-            + ["--scheduler", cluster.address],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _dtm_process("match", str(config), "--scheduler", cluster.address)
         try:
             _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
             _pause_every_worker(cluster.address)
@@ -230,13 +235,7 @@ def test_lost_scheduler_is_one_message_and_resumes_on_a_fresh_one(data, tmp_path
     (tmp_path / "first").mkdir()
     cluster = _start_cli_cluster(tmp_path / "first", n_workers=2)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dtm.cli", "match", str(config)]
-            + ["--scheduler", cluster.address],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _dtm_process("match", str(config), "--scheduler", cluster.address)
         try:
             _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
             os.killpg(cluster.scheduler_proc.pid, signal.SIGKILL)
@@ -281,13 +280,7 @@ def test_all_workers_lost_is_one_message(data, tmp_path):
     cfg["cluster"]["worker_timeout"] = 5
     config = write_config(tmp_path / "c.yaml", cfg)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dtm.cli", "match", str(config)]
-            + ["--scheduler", cluster.address],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _dtm_process("match", str(config), "--scheduler", cluster.address)
         try:
             _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
             cluster.kill_worker()
@@ -345,12 +338,7 @@ def test_full_disk_mid_run_is_one_message_and_resumes(data, tmp_path):
             None, data / "template.mrc", out, micrographs=_entries(data)[:2], cluster=FINE_CLUSTER
         )
         config = write_config(tmp_path / "c.yaml", cfg)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dtm.cli", "match", str(config), "--workers", "2"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _dtm_process("match", str(config), "--workers", "2")
         filler = disk / "filler"
         try:
             _wait_for(lambda: list((out / "checkpoints").rglob("group-*.npz")), proc)
@@ -380,13 +368,7 @@ def test_sigterm_stops_like_ctrl_c_and_says_how_to_resume(data, tmp_path):
     cfg = match_config(data / "mic_0.mrc", data / "template.mrc", out)
     cfg["orientation_search_config"] = fine
     config = write_config(tmp_path / "c.yaml", cfg)
-    run = subprocess.Popen(
-        [sys.executable, "-m", "dtm.cli", "match", str(config), "--workers", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    run = _dtm_process("match", str(config), "--workers", "1", start_new_session=True)
     assert run.stdout is not None
     stopped = threading.Event()
     try:
