@@ -1,6 +1,7 @@
-"""Threshold and peak picking on a scaled MIP (conventions.md#threshold, #peaks).
+"""Threshold and peak picking on a metric map (conventions.md#threshold, #peaks).
 
-A peak is a position of the scaled MIP above the cut-off ``z*``. Peaks are taken strongest
+A peak is a position of the picking metric's map (:func:`dtm.detection.metric_map`) above
+its cut-off, e.g. ``z*``. Peaks are taken strongest
 first (ties: lower y, then lower x) and each accepted peak suppresses every weaker position
 closer than ``min_distance`` pixels (Euclidean): the greedy non-maximum suppression of
 cisTEM and Leopard-EM, over all positions above the cut-off.
@@ -95,7 +96,7 @@ def _suppress(key: np.ndarray, ys: np.ndarray, xs: np.ndarray, offsets: np.ndarr
 
 
 def pick_peaks(
-    scaled_mip: np.ndarray, cutoff: float, *, min_distance: float, border: int = 0
+    metric: np.ndarray, cutoff: float, *, min_distance: float, border: int = 0
 ) -> np.ndarray:
     """Greedy non-maximum suppression of the positions above ``cutoff``.
 
@@ -109,8 +110,8 @@ def pick_peaks(
 
     Parameters
     ----------
-    scaled_mip
-        ``(ny, nx)`` z-score map (numpy or cupy). NaN never passes the cut-off.
+    metric
+        ``(ny, nx)`` map of the picking metric (numpy or cupy). NaN never passes the cut-off.
     cutoff
         Positions strictly above it are candidates.
     min_distance
@@ -123,7 +124,7 @@ def pick_peaks(
     numpy.ndarray
         ``(n, 2)`` int64 ``[y, x]`` of the peaks, strongest first.
     """
-    values = to_numpy(scaled_mip)
+    values = to_numpy(metric)
     if values.ndim != 2:
         raise ValueError(f"pick_peaks: expected a 2-D map, got shape {values.shape}")
     if not (min_distance >= 0 and math.isfinite(min_distance)):
