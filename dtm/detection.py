@@ -24,6 +24,7 @@ import numpy as np
 import scipy.ndimage
 
 from dtm.errors import ConfigError
+from dtm.metrics import pvalue_map
 
 __all__ = [
     "BACKGROUND_BOXES",
@@ -188,7 +189,5 @@ def metric_map(
     if metric == "mip":
         return np.asarray(maps["mip"])
     if metric == "pvalue":
-        from dtm.metrics import pvalue_map
-
         return pvalue_map(np.asarray(maps["mip"]), np.asarray(maps["scaled_mip"]))
     raise ConfigError(f"peaks.metric: unknown metric {metric!r}")

@@ -36,6 +36,7 @@ from dtm.io.store import (
     write_json,
 )
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
+from dtm.metrics import gev_cutoff
 from dtm.picking import default_min_distance, pick_peaks, threshold
 from dtm.side_maxima import explained_peaks, search_model
 
@@ -171,8 +172,6 @@ def map_threshold(ds: xr.Dataset, picking: PeaksConfig | None = None) -> float:
         return float(picking.p_value_cutoff)
     region = search_region(ds)
     if picking.metric == "gev":
-        from dtm.metrics import gev_cutoff
-
         values = np.asarray(region["scaled_mip"].values, dtype=np.float64)
         return gev_cutoff(values, false_positives=picking.false_positives)
     if picking.z_score_cutoff is not None:
