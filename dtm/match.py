@@ -38,7 +38,7 @@ from dtm.io.correlation_table import (
     table_files,
 )
 from dtm.io.mrc import read_template
-from dtm.io.store import open_results
+from dtm.io.store import ensure_root_group, open_results
 from dtm.jobfile import (
     LOG_FILE,
     changed_micrographs,
@@ -179,7 +179,8 @@ def run_match(
     plans = validate_micrographs(config, template, strict, out)
     valid = [p for p in plans if p.status != "failed"]
     if not valid:
-        raise InputError("no micrograph could be read: see the lines above")
+        first = next(plan.error for plan in plans if plan.error)
+        raise InputError(f"no micrograph could be read (the first: {first})")
     sampling = sampling_for(config, template)
     for plan in valid:
         cropped = sampling.image_shape(plan.image_shape, plan.optics.pixel_size)
@@ -536,6 +537,8 @@ def _run(
         for plan in todo
     }
     n_tasks = sum(planned.values())
+    if len(plans) > 1:
+        ensure_root_group(output_dir / "results.zarr")
     if n_tasks < len(chunks) * len(todo):
         print(
             f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "

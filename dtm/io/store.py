@@ -16,6 +16,7 @@ half-written result that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -94,6 +95,19 @@ def build_dataset(
     )
 
 
+def ensure_root_group(store: Path) -> None:
+    """Create the store's root group unless it exists.
+
+    A run of several micrographs makes it before submitting their tasks; a persist task
+    that still races another to create it (two processes on a shared store) finds it made
+    by the other, which is what it wanted.
+    """
+    if (store / "zarr.json").exists():
+        return
+    with contextlib.suppress(zarr.errors.ContainsGroupError):
+        zarr.open_group(str(store), mode="a")
+
+
 def write_dataset(
     dataset: xr.Dataset, store: Path, group: str | None = None, *, pyramid: bool = True
 ) -> None:
@@ -111,8 +125,8 @@ def write_dataset(
     final = store if group is None else store / group
     check_inside(final, store)  # a group name such as ../x never leaves the store
     final.parent.mkdir(parents=True, exist_ok=True)
-    if group is not None and not (store / "zarr.json").exists():
-        zarr.open_group(str(store), mode="a")
+    if group is not None:
+        ensure_root_group(store)
 
     def write(tmp: str) -> None:
         dataset.to_zarr(tmp, mode="w", consolidated=False, encoding=encoding)
