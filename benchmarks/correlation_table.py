@@ -21,11 +21,11 @@ import time
 import numpy as np
 
 import dtm.search.table as table_module
+from dtm.physics.orientations import uniform_grid
 from dtm.physics.projection import prepare_template
+from dtm.physics.simulate import random_particles, simulate_micrograph, simulate_template
 from dtm.search.kernel import correlate_chunk
-from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import Optics, prepare_image
-from dtm.simulate import random_particles, simulate_micrograph, simulate_template
 
 OPTICS = {
     "voltage": 300.0,

@@ -43,7 +43,7 @@ import detection_data  # noqa: E402
 
 from dtm.config.match import PeaksConfig  # noqa: E402
 from dtm.io.store import open_results  # noqa: E402
-from dtm.peaks import peaks_table  # noqa: E402
+from dtm.programs.peaks import peaks_table  # noqa: E402
 
 METHODS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -1,6 +1,6 @@
 """Held-out micrographs for the detection benchmark, from a simulator apart from dtm's own.
 
-``dtm.simulate`` (what the tests use) plants particles in white plus smooth Gaussian noise,
+``dtm.physics.simulate`` (what the tests use) plants particles in white plus smooth Gaussian noise,
 at the template's own centre, on the search grid when asked. This simulator is stronger and
 shares none of that code: molecules of several shapes, off-grid orientations (uniform on
 SO(3)), sub-pixel positions, relative defocus between the search planes, counting (Poisson)

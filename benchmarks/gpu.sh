@@ -10,7 +10,7 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 if ! python -c "
 import sys
-from dtm.cluster import gpu_unavailable_reason
+from dtm.runtime.cluster import gpu_unavailable_reason
 reason = gpu_unavailable_reason()
 print(reason or 'GPU ok')
 sys.exit(reason is not None)" | tee -a "$out/gpu.txt"; then

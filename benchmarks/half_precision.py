@@ -20,13 +20,13 @@ from dataclasses import replace
 import numpy as np
 
 from dtm.io.mrc import read_micrograph, read_template
+from dtm.physics.orientations import uniform_grid
 from dtm.physics.projection import PreparedTemplate, prepare_template
+from dtm.programs.demo import demo_dataset
 from dtm.search.kernel import correlate_chunk
-from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace
 from dtm.search.stats import finalise, merge_all
-from dtm.simulate import demo_dataset
 
 
 def to_half_and_back(spectrum: np.ndarray) -> np.ndarray:

@@ -70,8 +70,8 @@ def steady_rate(client: Any, tiny: Path, full: Path, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dtm.cluster import connect
     from dtm.config import ClusterConfig
+    from dtm.runtime.cluster import connect
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts")

@@ -8,7 +8,7 @@ the embedded cluster runs):
   one thread, in a plain process (default malloc settings);
 * the **bare kernel**: :func:`dtm.search.kernel.correlate_chunk` over a block of
   orientations × the case's defocus planes, inputs prepared beforehand;
-* the **whole** ``dtm match`` (:func:`dtm.match.match_template` on a simulated data set
+* the **whole** ``dtm match`` (:func:`dtm.programs.match.match_template` on a simulated data set
   written to a temporary directory, embedded ``LocalCluster`` started and closed by the
   call): correlations / wall time of the call, start-up included.
 
@@ -108,11 +108,11 @@ _STATE: dict[str, Any] = {}
 
 def _init_kernel(case: Case, device: str) -> None:
     """Prepare the micrograph and template once per process; warm up (numba compile)."""
+    from dtm.physics.orientations import uniform_grid
     from dtm.physics.projection import prepare_template
+    from dtm.physics.simulate import simulate_template
     from dtm.search.kernel import correlate_chunk
-    from dtm.search.orientations import uniform_grid
     from dtm.search.prepare import Optics, prepare_image
-    from dtm.simulate import simulate_template
 
     rng = np.random.default_rng(os.getpid())
     micrograph = rng.normal(size=(case.image_size,) * 2).astype(np.float32)
@@ -219,8 +219,7 @@ def measure_floor_and_kernel(n_proc: int, case: Case, device: str, repeats: int)
 
 def write_match_inputs(case: Case, directory: Path, **overrides: Any) -> Path:
     """Simulated micrograph and template of ``case`` and a match config; its path."""
-    from dtm.demo import demo_config
-    from dtm.simulate import demo_dataset
+    from dtm.programs.demo import demo_config, demo_dataset
 
     (directory / "data").mkdir(parents=True, exist_ok=True)
     data = demo_dataset(
@@ -248,7 +247,7 @@ def time_match(config_path: Path, client: Any = None, device: str = "cpu") -> di
     command); with one, cluster start-up is left out.
     """
     from dtm.config import load_match_config
-    from dtm.match import match_template
+    from dtm.programs.match import match_template
 
     config = load_match_config(config_path)
     start = time.perf_counter()
@@ -299,7 +298,7 @@ def time_first_call(config_path: Path, client: Any, device: str) -> dict[str, fl
 def probe_startup(config_path: Path, device: str) -> dict[str, float]:
     """Start-up of a fresh process, as ``dtm match`` pays it (run by ``--probe-startup``).
 
-    ``imports``: from the creation of this process to ``dtm.match`` and ``dtm.cli``
+    ``imports``: from the creation of this process to ``dtm.programs.match`` and ``dtm.cli``
     imported; ``cluster``: the embedded cluster started with a worker; then
     :func:`time_first_call` of the 24-orientation search on that cold cluster.
     """
@@ -307,9 +306,9 @@ def probe_startup(config_path: Path, device: str) -> dict[str, float]:
 
     born = psutil.Process().create_time()
     import dtm.cli
-    import dtm.match  # noqa: F401
-    from dtm.cluster import connect
+    import dtm.programs.match  # noqa: F401
     from dtm.config import ClusterConfig
+    from dtm.runtime.cluster import connect
 
     imported = time.time()
     with connect(ClusterConfig(device=device), quiet=True) as client:
@@ -347,8 +346,8 @@ def measure_match(case: Case, repeats: int, device: str) -> dict[str, Any]:
     the process to the end of the first correlate task, and from the last one to the
     return. ``tiny_command_s``: the same search as a shell command, start to exit.
     """
-    from dtm.cluster import connect
     from dtm.config import ClusterConfig
+    from dtm.runtime.cluster import connect
 
     with tempfile.TemporaryDirectory(prefix=f"dtm-bench-{case.name}-") as tmp:
         full = write_match_inputs(case, Path(tmp) / "full")
@@ -462,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--cases: unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
     if args.device == "gpu":
-        from dtm.cluster import gpu_unavailable_reason
+        from dtm.runtime.cluster import gpu_unavailable_reason
 
         reason = gpu_unavailable_reason()
         if reason is not None:

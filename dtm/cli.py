@@ -116,8 +116,8 @@ def _cluster_options(
 
 def _match(args: argparse.Namespace) -> int:
     from dtm.config import load_match_config
-    from dtm.match import run_match
-    from dtm.runlog import keep_logs
+    from dtm.io.runlog import keep_logs
+    from dtm.programs.match import run_match
 
     overrides = {"output_dir": args.output_dir} if args.output_dir else {}
     if args.cluster:
@@ -161,7 +161,7 @@ def _resume_command(args: argparse.Namespace) -> str:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from dtm.demo import run_demo
+    from dtm.programs.demo import run_demo
 
     run_demo(Path(args.out), n_workers=args.workers, scheduler_address=args.scheduler)
 
@@ -169,7 +169,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _peaks(args: argparse.Namespace) -> None:
     from dtm.config.base import validate_options
     from dtm.config.match import PeaksConfig
-    from dtm.peaks import repick, threshold_summary
+    from dtm.programs.peaks import repick, threshold_summary
 
     given = {
         "metric": args.metric,
@@ -186,14 +186,14 @@ def _peaks(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from dtm.report import write_report
+    from dtm.programs.report import write_report
 
     path = write_report(args.results_dir, out=args.out)
     print(f"report written to {path}")
 
 
 def _browse(args: argparse.Namespace) -> None:
-    from dtm.browse import browse
+    from dtm.programs.browse import browse
 
     browse(
         args.results_dir,
@@ -206,7 +206,7 @@ def _browse(args: argparse.Namespace) -> None:
 
 def _refine(args: argparse.Namespace) -> None:
     from dtm.config import load_refine_config
-    from dtm.refine import refine_template
+    from dtm.programs.refine import refine_template
 
     config = load_refine_config(
         args.config, {"cluster.kind": args.cluster} if args.cluster else None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from distributed import Client, LocalCluster
 
-from dtm.cluster import gpu_unavailable_reason
+from dtm.runtime.cluster import gpu_unavailable_reason
 
 #: Seconds allowed for the scheduler to write its file and for workers to connect.
 STARTUP_TIMEOUT_S = 60.0

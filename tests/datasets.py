@@ -8,8 +8,8 @@ from typing import Any
 import yaml
 
 from dtm.io.mrc import write_map
-from dtm.search.orientations import uniform_grid
-from dtm.simulate import random_particles, simulate_micrograph, simulate_template
+from dtm.physics.orientations import uniform_grid
+from dtm.physics.simulate import random_particles, simulate_micrograph, simulate_template
 
 PIXEL_SIZE = 3.0
 BOX = 64

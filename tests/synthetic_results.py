@@ -3,7 +3,7 @@
 The scaled MIP is pure Gaussian noise of a search with ``n_correlations`` correlations per
 position (each value is the maximum of that many standard normals, drawn exactly by
 inverting ``Φ(z)^N``), plus planted peaks of known height and position. Peak tables are
-then picked by the real ``dtm.peaks.repick``.
+then picked by the real ``dtm.programs.peaks.repick``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 from scipy.special import ndtri
 
 from dtm.io.store import build_dataset, write_dataset
-from dtm.peaks import repick
+from dtm.programs.peaks import repick
 
 BOX = 24
 PIXEL_SIZE = 2.0

@@ -29,10 +29,11 @@ from headless_chromium import Page, chromium_path, run_page
 from synthetic_results import write_results
 from tornado.ioloop import IOLoop
 
-from dtm.browse import BrowseState, _document, choose_factor, make_server, read_window
 from dtm.io.pyramid import max_pool
-from dtm.io.results import open_micrographs, read_peaks
+from dtm.io.results import open_micrographs
 from dtm.io.tables import read_table
+from dtm.programs.browse import BrowseState, _document, choose_factor, make_server, read_window
+from dtm.programs.peaks import read_peaks
 
 #: Map 600 × 520 on a 200-pixel plot: the whole map needs the 2× level, a zoom full resolution.
 SHAPE = (600, 520)

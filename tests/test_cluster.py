@@ -1,4 +1,4 @@
-"""dtm.cluster: real local clusters, a real external scheduler, jobqueue scripts, errors."""
+"""dtm.runtime.cluster: real local clusters, a real external scheduler, jobqueue scripts, errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from dtm.cluster import (
+from dtm.config import ClusterConfig
+from dtm.errors import ClusterError, DtmError
+from dtm.runtime.cluster import (
     connect,
     dashboard_link,
     ensure_workers,
@@ -22,8 +24,6 @@ from dtm.cluster import (
     worker_count,
     worker_threads,
 )
-from dtm.config import ClusterConfig
-from dtm.errors import ClusterError, DtmError
 
 
 def _pid_alive(pid: int) -> bool:
@@ -208,7 +208,7 @@ def test_a_cluster_start_cut_short_by_ctrl_c_is_closed_quietly(capsys):
     from distributed.core import Status
     from distributed.deploy.spec import close_clusters
 
-    from dtm.deployments import _started_quietly
+    from dtm.runtime.deployments import _started_quietly
 
     started = []
 

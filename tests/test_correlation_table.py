@@ -11,11 +11,11 @@ import pytest
 from datasets import match_config, write_config, write_dataset
 from distributed import Client, LocalCluster
 
-import dtm.search.persist
+import dtm.runtime.persist
 from dtm.config import MatchConfig, load_match_config
 from dtm.errors import ConfigError, OutputError
 from dtm.io.correlation_table import COLUMNS, read_correlation_table, table_files
-from dtm.match import match_template
+from dtm.programs.match import match_template
 from dtm.search import fused
 from dtm.search.stats import PartialStats, update_numpy, update_with_table
 from dtm.search.table import TableCollector, TableRows
@@ -219,7 +219,7 @@ def test_resume_from_checkpoints_gives_the_same_table(
     def fail(*args: object, **kwargs: object) -> None:
         raise OutputError("interrupted by the test")
 
-    monkeypatch.setattr(dtm.search.persist, "export_maps", fail)
+    monkeypatch.setattr(dtm.runtime.persist, "export_maps", fail)
     # A cluster of its own, as a killed run's would be: its scheduler forgets the run.
     with (
         LocalCluster(

@@ -14,7 +14,7 @@ import pytest
 from distributed.dashboard.components.scheduler import WorkerTable
 from headless_chromium import Page, chromium_path, run_page
 
-from dtm.dashboard import (
+from dtm.runtime.dashboard import (
     RATE_METRIC,
     RATE_WINDOW_S,
     TOTAL_METRIC,

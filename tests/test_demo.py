@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from dtm.demo import DEMO_MARKER, claim_directory
 from dtm.errors import OutputError
+from dtm.programs.demo import DEMO_MARKER, claim_directory
 
 pytestmark = pytest.mark.slow
 

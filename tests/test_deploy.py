@@ -248,7 +248,7 @@ PROBE_CLIENT = """\
 import json, os, stat, sys
 import distributed
 from distributed.security import Security
-from dtm.cluster import connect, worker_count
+from dtm.runtime.cluster import connect, worker_count
 args = sys.argv[1:]
 address = args[args.index("--scheduler") + 1]
 with connect(scheduler_address=address, quiet=True) as client:

@@ -21,13 +21,13 @@ import psutil
 import pytest
 
 from dtm.config import ClusterConfig
-from dtm.deployments import (
+from dtm.errors import ClusterError, ConfigError
+from dtm.runtime.deployments import (
     _import_extra,
     jobqueue_cluster,
     kubernetes_cluster_spec,
     start_cluster,
 )
-from dtm.errors import ClusterError, ConfigError
 
 
 def _jobqueue_installed() -> bool:

@@ -18,16 +18,21 @@ from datasets import OPTICS
 from distributed import Client
 
 from dtm.config.match import PeaksConfig
-from dtm.detection import background_statistics, detection_z
-from dtm.footprint import template_radius
 from dtm.io.mrc import write_map
-from dtm.match import match_template
-from dtm.peaks import peaks_table
+from dtm.physics.footprint import template_radius
+from dtm.physics.orientations import uniform_grid
 from dtm.physics.projection import prepare_template
-from dtm.search.orientations import uniform_grid
+from dtm.physics.simulate import (
+    PlantedParticle,
+    random_particles,
+    simulate_micrograph,
+    simulate_template,
+)
+from dtm.programs.match import match_template
+from dtm.programs.peaks import peaks_table
+from dtm.search.detection import background_statistics, detection_z
 from dtm.search.prepare import FilterSettings, Optics, filter_micrograph
-from dtm.side_maxima import SearchModel, explained_peaks
-from dtm.simulate import PlantedParticle, random_particles, simulate_micrograph, simulate_template
+from dtm.search.side_maxima import SearchModel, explained_peaks
 
 
 def test_background_statistics_pool_the_correlations_of_the_background():

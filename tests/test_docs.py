@@ -148,7 +148,7 @@ def test_leopard_page_names_every_ignored_key(site: Path) -> None:
 
 
 def test_outputs_page_lists_every_table_column(site: Path) -> None:
-    from dtm.refine import REFINED_DTYPES
+    from dtm.programs.refine import REFINED_DTYPES
 
     page = _text(site, "outputs")
     for column in [*PEAK_COLUMNS, *REFINED_DTYPES]:

@@ -12,9 +12,9 @@ from test_kernel import _planted_search
 
 from dtm.physics.projection import prepare_template
 from dtm.physics.resample import fourier_crop
+from dtm.physics.simulate import simulate_template
 from dtm.search import fused
 from dtm.search.stats import PartialStats, update, update_numpy
-from dtm.simulate import simulate_template
 
 pytestmark = pytest.mark.gpu
 
@@ -111,8 +111,8 @@ def test_fourier_crop_on_gpu_matches_cpu(volume):
 
 def test_pipeline_task_moves_cpu_inputs_to_the_gpu(volume):
     """`tasks.correlate(..., device="gpu")` as a GPU worker runs it: host inputs, GPU copies."""
-    from dtm.search import tasks
-    from dtm.search.orientations import uniform_grid
+    from dtm.physics.orientations import uniform_grid
+    from dtm.runtime import tasks
     from dtm.search.prepare import Optics, prepare_image
     from dtm.search.space import SearchSpace
 

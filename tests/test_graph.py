@@ -5,7 +5,7 @@ from __future__ import annotations
 import dask
 from dask.utils import key_split
 
-from dtm.search.graph import checkpoint_file, leaves_to_compute, search_graph
+from dtm.runtime.graph import checkpoint_file, leaves_to_compute, search_graph
 
 
 def _correlate_keys(root) -> list:

@@ -15,11 +15,12 @@ import scipy.fft
 import scipy.signal
 from datasets import OPTICS
 
+from dtm.physics.orientations import uniform_grid
 from dtm.physics.projection import extract_central_slices, prepare_template
 from dtm.physics.rotations import euler_to_matrix
+from dtm.physics.simulate import PlantedParticle, simulate_micrograph, simulate_template
 from dtm.search import fused
 from dtm.search.kernel import correlate_chunk, filtered_projections
-from dtm.search.orientations import uniform_grid
 from dtm.search.prepare import (
     FilterSettings,
     ImageInputs,
@@ -30,7 +31,6 @@ from dtm.search.prepare import (
 )
 from dtm.search.space import SearchSpace
 from dtm.search.stats import PartialStats, finalise, update, update_numpy
-from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
 
 
 def _optics(pixel_size: float) -> Optics:

@@ -20,9 +20,9 @@ from distributed import Client, LocalCluster
 from dtm.config import MatchConfig
 from dtm.config.match import PeaksConfig
 from dtm.io.store import open_results
-from dtm.match import match_template
-from dtm.peaks import repick
-from dtm.picking import threshold
+from dtm.programs.match import match_template
+from dtm.programs.peaks import repick
+from dtm.search.picking import threshold
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow

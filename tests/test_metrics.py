@@ -11,7 +11,13 @@ import scipy.special
 import scipy.stats
 
 from dtm.errors import ConfigError
-from dtm.metrics import anisotropic_gaussian, gev_cutoff, gev_fit, probit_transform, pvalue_map
+from dtm.search.metrics import (
+    anisotropic_gaussian,
+    gev_cutoff,
+    gev_fit,
+    probit_transform,
+    pvalue_map,
+)
 
 
 def _probit_by_hand(values: np.ndarray) -> np.ndarray:

@@ -23,9 +23,9 @@ from distributed import Client
 from distributed.security import Security
 
 from dtm.config import ClusterConfig
-from dtm.dashboard import TOTAL_METRIC
-from dtm.deployments import _listen_options, is_loopback
 from dtm.io.store import open_results
+from dtm.runtime.dashboard import TOTAL_METRIC
+from dtm.runtime.deployments import _listen_options, is_loopback
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow
@@ -317,7 +317,7 @@ def test_security_files_must_exist_one_line_naming_the_field(
 
 
 def test_unencrypted_remote_scheduler_is_warned_about(capsys: pytest.CaptureFixture) -> None:
-    from dtm.cluster import _client_security
+    from dtm.runtime.cluster import _client_security
 
     # Only the decision: nothing is sent anywhere.
     assert _client_security("tcp://192.0.2.7:8786", None) is None

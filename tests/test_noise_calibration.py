@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from dtm.detection import detection_z
-from dtm.footprint import template_radius
+from dtm.physics.footprint import template_radius
+from dtm.physics.orientations import uniform_grid
 from dtm.physics.projection import prepare_template
-from dtm.picking import default_min_distance, pick_peaks, threshold
+from dtm.physics.simulate import simulate_template
+from dtm.search.detection import detection_z
 from dtm.search.kernel import correlate_chunk
-from dtm.search.orientations import uniform_grid
+from dtm.search.picking import default_min_distance, pick_peaks, threshold
 from dtm.search.prepare import Optics, prepare_image
 from dtm.search.space import SearchSpace
 from dtm.search.stats import finalise
-from dtm.simulate import simulate_template
 
 N_MICROGRAPHS = 24
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from dtm.errors import ConfigError
-from dtm.search.orientations import (
+from dtm.physics.orientations import (
     healpix_grid,
     healpix_pix2ang,
     local_grid,

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import dtm.particles
+import dtm.programs.particles
 from dtm.errors import ConfigError, InputError
-from dtm.particles import extract_particles
+from dtm.programs.particles import extract_particles
 
 TEMPLATE = 8
 BOX = (12, 10)
@@ -136,13 +136,13 @@ def test_refined_positions_are_used_when_present(micrographs):
 def test_each_micrograph_is_read_once(micrographs, monkeypatch):
     table, _ = micrographs
     reads: list[str] = []
-    real_read = dtm.particles.read_micrograph
+    real_read = dtm.programs.particles.read_micrograph
 
     def counting_read(path, **kwargs):
         reads.append(str(path))
         return real_read(path, **kwargs)
 
-    monkeypatch.setattr(dtm.particles, "read_micrograph", counting_read)
+    monkeypatch.setattr(dtm.programs.particles, "read_micrograph", counting_read)
     extract_particles(table, BOX)
     assert sorted(reads) == sorted(set(table["micrograph_path"]))
 

@@ -18,7 +18,7 @@ from scipy.spatial import cKDTree
 
 from dtm.config.match import PeaksConfig
 from dtm.errors import ConfigError, InputError
-from dtm.peaks import (
+from dtm.programs.peaks import (
     PEAK_COLUMNS,
     map_threshold,
     peaks_dataframe,
@@ -27,7 +27,7 @@ from dtm.peaks import (
     repick,
     threshold_summary,
 )
-from dtm.picking import default_min_distance, pick_peaks, threshold
+from dtm.search.picking import default_min_distance, pick_peaks, threshold
 
 # The columns the users asked for (docs/outputs.md), in their order, with their types.
 SEED_COLUMNS = [
@@ -427,7 +427,7 @@ def test_repick_says_why_there_is_nothing_to_pick(tmp_path):
 
 
 def test_pvalue_and_gev_metrics_pick_by_their_own_maps_and_cutoffs(tmp_path):
-    from dtm.metrics import gev_cutoff, pvalue_map
+    from dtm.search.metrics import gev_cutoff, pvalue_map
 
     ds = make_results("m", {(10, 12): 30.0, (50, 40): 25.0, (30, 30): 9.0}, seed=4)
     p_values = pvalue_map(ds["mip"].values, ds["scaled_mip"].values)

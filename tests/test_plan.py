@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dtm.cluster import gpu_unavailable_reason
 from dtm.config import MatchConfig
-from dtm.jobfile import changed_keys
-from dtm.plan import MIN_TASKS, TARGET_TASK_WORK, auto_chunk_size, resolve_device
+from dtm.io.rundir import changed_keys
+from dtm.programs.plan import MIN_TASKS, TARGET_TASK_WORK, auto_chunk_size, resolve_device
+from dtm.runtime.cluster import gpu_unavailable_reason
 from dtm.search.space import SearchSpace
 
 

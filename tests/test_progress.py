@@ -7,7 +7,7 @@ import time
 
 from distributed import Client, LocalCluster
 
-from dtm.progress import Progress, format_duration
+from dtm.runtime.progress import Progress, format_duration
 
 
 def test_log_gets_periodic_lines_and_one_final_line():

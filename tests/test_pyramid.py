@@ -15,10 +15,10 @@ import zarr
 from synthetic_results import PLANTED, synthetic_dataset, write_results
 
 from dtm.io.pyramid import max_pool, open_pyramid, pyramid_factors, write_pyramid
-from dtm.io.results import open_micrographs, read_peaks
+from dtm.io.results import open_micrographs
 from dtm.io.store import build_dataset, open_results, result_groups, write_dataset
 from dtm.io.tables import read_table
-from dtm.peaks import peaks_dataframe
+from dtm.programs.peaks import peaks_dataframe, read_peaks
 
 
 def naive_block_max(data: np.ndarray, factor: int) -> np.ndarray:

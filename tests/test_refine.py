@@ -26,11 +26,11 @@ from dtm.config.match import PeaksConfig
 from dtm.errors import ConfigError, InputError, OutputError
 from dtm.io.mrc import write_map
 from dtm.io.tables import read_table, write_table
-from dtm.match import match_template
-from dtm.peaks import peaks_table
-from dtm.refine import REFINED_DTYPES, refine_template
-from dtm.search.orientations import uniform_grid
-from dtm.simulate import PlantedParticle, simulate_micrograph, simulate_template
+from dtm.physics.orientations import uniform_grid
+from dtm.physics.simulate import PlantedParticle, simulate_micrograph, simulate_template
+from dtm.programs.match import match_template
+from dtm.programs.peaks import peaks_table
+from dtm.programs.refine import REFINED_DTYPES, refine_template
 
 PIXEL_SIZE = 3.0
 BOX = 64

@@ -20,9 +20,9 @@ from dtm.config.match import PeaksConfig
 from dtm.errors import InputError
 from dtm.io.results import open_micrographs
 from dtm.io.tables import read_table
-from dtm.peaks import read_picking, repick
-from dtm.picking import threshold
-from dtm.report import expected_survival, report_threshold, survival_curves, write_report
+from dtm.programs.peaks import read_picking, repick
+from dtm.programs.report import expected_survival, report_threshold, survival_curves, write_report
+from dtm.search.picking import threshold
 
 
 @pytest.fixture(scope="module")

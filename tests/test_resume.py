@@ -23,9 +23,9 @@ from distributed import Client, LocalCluster, SchedulerPlugin
 from dtm.config import MatchConfig
 from dtm.config.match import PeaksConfig
 from dtm.errors import ConfigError
-from dtm.match import match_template
-from dtm.peaks import repick
-from dtm.search.orientations import uniform_grid
+from dtm.physics.orientations import uniform_grid
+from dtm.programs.match import match_template
+from dtm.programs.peaks import repick
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow

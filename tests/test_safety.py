@@ -20,9 +20,9 @@ from datasets import match_config, write_config, write_dataset
 from dtm.cli import main
 from dtm.errors import OutputError
 from dtm.io.atomic import check_inside, remove_output, replace_atomic
+from dtm.io.rundir import LOCK_FILE, output_lock
 from dtm.io.store import build_dataset, open_results
 from dtm.io.store import write_dataset as write_zarr
-from dtm.jobfile import LOCK_FILE, output_lock
 
 
 @pytest.fixture(scope="module")

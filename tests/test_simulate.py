@@ -8,14 +8,14 @@ import scipy.ndimage
 
 from dtm.errors import ConfigError
 from dtm.io.mrc import check_compatible, read_micrograph, read_template
-from dtm.search.orientations import uniform_grid
-from dtm.simulate import (
+from dtm.physics.orientations import uniform_grid
+from dtm.physics.simulate import (
     PlantedParticle,
-    demo_dataset,
     random_particles,
     simulate_micrograph,
     simulate_template,
 )
+from dtm.programs.demo import demo_dataset
 
 BOX = 24
 PIXEL = 3.0

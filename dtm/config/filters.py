@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from pydantic import Field, model_validator
-
-if TYPE_CHECKING:
-    from dtm.search.prepare import FilterSettings
 
 from dtm.config.base import (
     NonNegative,
@@ -18,6 +15,7 @@ from dtm.config.base import (
     _Problem,
     _unsupported,
 )
+from dtm.search.prepare import FilterSettings
 
 
 class WhiteningFilterConfig(_Model):
@@ -118,8 +116,6 @@ class PreprocessingFilters(_Model):
 
     def settings(self, pixel_size: float) -> FilterSettings:
         """The search kernel's filter settings (band-pass cut-offs converted to Å)."""
-        from dtm.search.prepare import FilterSettings  # noqa: PLC0415 (no cycle at import)
-
         low, high = (None, None)
         if self.bandpass_filter.enabled:
             low, high = self.bandpass_filter.cutoffs_angstrom(pixel_size)

@@ -19,6 +19,7 @@ from dtm.config.base import (
     _ordered,
     _Problem,
 )
+from dtm.physics.orientations import orientation_grid, symmetry_ranges
 
 _SYMMETRY = re.compile(r"^(?:[CD][1-9]\d*|[TOI])$", re.IGNORECASE)
 
@@ -178,8 +179,6 @@ class OrientationSearchConfig(_Model):
         """About how many orientations :meth:`grid` gives (within a few percent for fine
         grids, never far below), computed without making them: the directions cover the
         solid angle of the φ and θ ranges at one per θ-step² (plus one per θ ring)."""
-        from dtm.search.orientations import symmetry_ranges
-
         phi_limit, theta_limit = symmetry_ranges(self.symmetry)
         phi = (self.phi_max if self.phi_max is not None else phi_limit) - (self.phi_min or 0.0)
         theta_min = self.theta_min or 0.0
@@ -195,8 +194,6 @@ class OrientationSearchConfig(_Model):
 
     def grid(self) -> np.ndarray:
         """Euler angles of the grid, shape ``(n, 3)``, columns ``(phi, theta, psi)``, degrees."""
-        from dtm.search.orientations import orientation_grid
-
         ranges = {
             name: getattr(self, name)
             for name in ("phi_min", "phi_max", "theta_min", "theta_max", "psi_min", "psi_max")

@@ -19,7 +19,6 @@ from fsspec.implementations.local import LocalFileSystem
 from dtm.io.pyramid import open_pyramid
 from dtm.io.store import open_results, output_directory, result_groups, store_url
 from dtm.io.tables import read_table
-from dtm.peaks import peaks_dataframe
 
 #: Peak tables looked for in the output directory, in this order.
 PEAK_TABLES = ("peaks.csv", "peaks.parquet")
@@ -57,12 +56,11 @@ def open_micrographs(results: str | os.PathLike[str]) -> list[MicrographResults]
     ]
 
 
-def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
-    """The peak table of an output directory, and where it came from.
+def read_peak_table(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str] | None:
+    """The peak table that an output directory holds, and its file name.
 
-    Reads ``peaks.csv`` (else ``peaks.parquet``) of the output directory; with neither,
-    picks peaks now from the maps with the default threshold (one false positive per
-    micrograph).
+    Reads ``peaks.csv`` (else ``peaks.parquet``) of the output directory; None when it has
+    neither (:func:`dtm.programs.peaks.read_peaks` then picks peaks from the maps).
 
     Parameters
     ----------
@@ -74,7 +72,7 @@ def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
     pandas.DataFrame
         Columns of :data:`dtm.io.tables.PEAK_COLUMNS`, one row per peak.
     str
-        The table's file name, or a note that the peaks were picked now.
+        The table's file name.
     """
     directory = output_directory(results)
     fs, root = fsspec.core.url_to_fs(directory)
@@ -88,5 +86,4 @@ def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
             local = Path(tmp) / name
             fs.get(path, str(local), recursive=fs.isdir(path))
             return read_table(local), name
-    table = peaks_dataframe(results).compute().reset_index(drop=True)
-    return table, "picked now (no peak table in the results directory; default picking)"
+    return None

@@ -4,10 +4,10 @@ The columns are those the users asked for (``docs/outputs.md``, "The peak table"
 followed by ``micrograph_name``, ``particle_index``, ``micrograph_pixel_size`` (the
 micrograph file's pixel size: ``pixel_size`` and the positions are at the cropped sampling
 of a search with ``high_resolution_limit``), ``detection_z`` (the detection statistic,
-:mod:`dtm.detection`) and ``neg_log_pvalue`` (−ln p of :func:`dtm.metrics.pvalue_map`);
-:data:`PEAK_DTYPES` gives their types (ints ``int64``, floats ``float64``, text the
-pandas string type). Extra columns (e.g. the ``refined_*`` columns of refine-template)
-are carried through unchanged.
+:mod:`dtm.search.detection`) and ``neg_log_pvalue`` (−ln p of
+:func:`dtm.search.metrics.pvalue_map`); :data:`PEAK_DTYPES` gives their types (ints
+``int64``, floats ``float64``, text the pandas string type). Extra columns (e.g. the
+``refined_*`` columns of refine-template) are carried through unchanged.
 
 STAR export (:func:`to_star`) follows RELION's conventions:
 

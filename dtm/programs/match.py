@@ -26,7 +26,6 @@ import distributed
 import xarray as xr
 from dask.delayed import Delayed
 
-from dtm.cluster import QUEUED_KINDS, WORKER_TIMEOUT_S, resolve_kind, session, worker_threads
 from dtm.config import MatchConfig, config_to_dict, load_match_config
 from dtm.errors import DtmError, InputError, Interrupted, RunStopped
 from dtm.io.atomic import check_inside, remove_output
@@ -38,8 +37,7 @@ from dtm.io.correlation_table import (
     table_files,
 )
 from dtm.io.mrc import read_template
-from dtm.io.store import ensure_root_group, open_results
-from dtm.jobfile import (
+from dtm.io.rundir import (
     LOG_FILE,
     changed_micrographs,
     check_inputs_not_outputs,
@@ -54,9 +52,10 @@ from dtm.jobfile import (
     recorded_statuses,
     run_outputs,
     write_job,
-    write_run_report,
 )
-from dtm.plan import (
+from dtm.io.runlog import captured_logs
+from dtm.io.store import ensure_root_group, open_results
+from dtm.programs.plan import (
     MicrographPlan,
     Sampling,
     auto_chunk_size,
@@ -72,11 +71,19 @@ from dtm.plan import (
     validate_micrographs,
     worker_memory,
 )
-from dtm.progress import Progress, format_duration
-from dtm.runlog import captured_logs
-from dtm.search import tasks
-from dtm.search.graph import leaves_to_compute, search_graph, token
-from dtm.search.persist import persist
+from dtm.programs.record import write_run_report
+from dtm.runtime import tasks
+from dtm.runtime.cluster import (
+    QUEUED_KINDS,
+    WORKER_TIMEOUT_S,
+    resolve_kind,
+    session,
+    worker_threads,
+)
+from dtm.runtime.graph import leaves_to_compute, search_graph
+from dtm.runtime.persist import persist
+from dtm.runtime.progress import Progress, format_duration
+from dtm.schema import token
 from dtm.search.prepare import fft_shape_for
 from dtm.search.space import SearchSpace
 
@@ -711,7 +718,7 @@ def _report_table(config: MatchConfig, output_dir: Path, out: TextIO) -> None:
 
 def _write_peaks(config: MatchConfig, output_dir: Path, out: TextIO) -> None:
     """Pick peaks in every micrograph's maps and write one table over all of them."""
-    from dtm.peaks import repick, threshold_summary
+    from dtm.programs.peaks import repick, threshold_summary
 
     # Distances in Å are converted with each dataset's own pixel size (cropped or not).
     table = repick(output_dir, config.peaks)

@@ -2,7 +2,7 @@
 
 Peaks closer than this radius are one particle: its own correlation peak and the near-miss
 poses around it. It is also the reach of a particle's side maxima that
-:mod:`dtm.side_maxima` explains away.
+:mod:`dtm.search.side_maxima` explains away.
 """
 
 from __future__ import annotations

@@ -10,23 +10,13 @@ group is loaded instead of recomputed. The tree is submitted as one graph so tha
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import dask
 from dask.delayed import Delayed
 
-from dtm.search import tasks
-
-
-def token(name: str) -> str:
-    """A short token for a name, used in task keys and checkpoint folders.
-
-    It always holds a digit, so Dask's ``key_split`` drops it and the dashboard groups the
-    tasks by their readable prefix (``correlate``, ``merge``, …).
-    """
-    return "0" + hashlib.sha1(name.encode()).hexdigest()[:11]
+from dtm.runtime import tasks
 
 
 def checkpoint_file(checkpoint_dir: Path, group: int) -> Path:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,9 @@ import scipy.ndimage
 from scipy.spatial.transform import Rotation
 
 from dtm.errors import ConfigError
-from dtm.io.mrc import write_map
 from dtm.physics.ctf import ctf_2d
 from dtm.physics.projection import project_real_space
 from dtm.physics.rotations import euler_to_matrix, matrix_to_euler
-from dtm.search.orientations import uniform_grid
 
 # Lobes of the pseudo-molecule: centre and semi-axes (in units of the molecule's radius) and
 # share of the atoms. Three unequal lobes off the axes make every orientation distinct.
@@ -294,100 +291,3 @@ def random_particles(
         PlantedParticle(y, x, float(phi), float(theta), float(psi), float(delta))
         for (y, x), (phi, theta, psi), delta in zip(corners, euler, defocus, strict=True)
     ]
-
-
-def demo_dataset(
-    directory: str | Path,
-    *,
-    seed: int = 0,
-    micrograph_shape: tuple[int, int] = (480, 480),
-    box_size: int = 64,
-    pixel_size: float = 3.0,
-    n_particles: int = 6,
-    n_atoms: int = 4000,
-    signal_scale: float = 18.0,
-    low_frequency_noise: float = 5.0,
-) -> dict[str, Any]:
-    """Write a small simulated data set for ``dtm demo``: ``micrograph.mrc``, ``template.mrc``.
-
-    Particles (about 130 Å across in a 192 Å box: a molecule this size has projections that
-    differ enough between orientations for the scaled MIP to single it out, where a small
-    compact one raises the correlation variance at its own position as much as its MIP) are
-    planted at orientations of the 15°/15° uniform grid and at relative defocus -1200, 0 or
-    1200 Å (planes far enough apart to be told apart at 3 Å/pixel), so a search with that
-    grid and ``defocus_min=-1200, defocus_max=1200, defocus_step=1200`` finds them exactly.
-
-    Parameters
-    ----------
-    directory
-        Output directory (created if missing).
-    seed
-        Random seed of template, positions and noise.
-    micrograph_shape, box_size, pixel_size, n_particles, n_atoms, signal_scale, low_frequency_noise
-        Size of the data set; see :func:`simulate_template` and :func:`simulate_micrograph`.
-
-    Returns
-    -------
-    dict
-        ``micrograph_path``, ``template_path`` (Path), ``pixel_size`` (Å), ``optics`` (dict of
-        :func:`simulate_micrograph` optics keywords), ``search`` (``psi_step``,
-        ``theta_step``, ``defocus_min``, ``defocus_max``, ``defocus_step``), ``particles``
-        (list of :class:`PlantedParticle`) and ``particle_table`` (list of dicts, one per
-        particle, with ``pos_y``, ``pos_x``, ``pos_y_img``, ``pos_x_img`` and the angles).
-    """
-    directory = Path(directory)
-    search = {
-        "psi_step": 15.0,
-        "theta_step": 15.0,
-        "defocus_min": -1200.0,
-        "defocus_max": 1200.0,
-        "defocus_step": 1200.0,
-    }
-    optics = {
-        "voltage": 300.0,
-        "spherical_aberration": 2.7,
-        "amplitude_contrast_ratio": 0.07,
-        "defocus_u": 10000.0,
-        "defocus_v": 9500.0,
-        "astigmatism_angle": 30.0,
-        "phase_shift": 0.0,
-        "b_factor": 0.0,
-    }
-    template = simulate_template(box_size, pixel_size=pixel_size, n_atoms=n_atoms, seed=seed)
-    grid = uniform_grid(psi_step=search["psi_step"], theta_step=search["theta_step"])
-    particles = random_particles(
-        n_particles,
-        micrograph_shape,
-        box_size,
-        orientations=grid,
-        defocus_values=(-1200.0, 0.0, 1200.0),
-        min_separation=1.5 * box_size,
-        seed=seed + 1,
-    )
-    micrograph = simulate_micrograph(
-        template,
-        micrograph_shape,
-        particles,
-        pixel_size=pixel_size,
-        signal_scale=signal_scale,
-        low_frequency_noise=low_frequency_noise,
-        seed=seed + 2,
-        **optics,
-    )
-    micrograph_path = directory / "micrograph.mrc"
-    template_path = directory / "template.mrc"
-    write_map(micrograph_path, micrograph, pixel_size=pixel_size)
-    write_map(template_path, template, pixel_size=pixel_size)
-    table = [
-        {**asdict(p), "pos_y_img": p.pos_y + box_size // 2, "pos_x_img": p.pos_x + box_size // 2}
-        for p in particles
-    ]
-    return {
-        "micrograph_path": micrograph_path,
-        "template_path": template_path,
-        "pixel_size": pixel_size,
-        "optics": optics,
-        "search": search,
-        "particles": particles,
-        "particle_table": table,
-    }

@@ -9,7 +9,7 @@ and normalised as the match search does it, so ``refined_mip`` is on the scale o
 
 The table becomes a dask dataframe with one partition per micrograph (each reads and filters
 its micrograph once, on a worker); ``map_partitions`` runs
-:func:`dtm.refine_partition.refine_partition` with the template prepared once
+:func:`dtm.programs.refine_partition.refine_partition` with the template prepared once
 (a single ``refine-prepare-template`` task whose result every worker fetches).
 """
 
@@ -26,20 +26,20 @@ import distributed
 import numpy as np
 import pandas as pd
 
-from dtm.cluster import session
 from dtm.config import RefineConfig, load_refine_config
 from dtm.errors import ConfigError, InputError, OutputError
 from dtm.io.mrc import pixel_sizes_differ, read_template
+from dtm.io.rundir import check_writable
 from dtm.io.tables import read_table, write_table
-from dtm.jobfile import check_writable
-from dtm.progress import format_duration
-from dtm.refine_partition import (
+from dtm.programs.refine_partition import (
     REFINED_DTYPES,
     RefineSettings,
     refine_partition,
     start_columns,
 )
-from dtm.search import tasks
+from dtm.runtime import tasks
+from dtm.runtime.cluster import session
+from dtm.runtime.progress import format_duration
 
 __all__ = [
     "REFINED_DTYPES",

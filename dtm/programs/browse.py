@@ -43,7 +43,8 @@ from tornado.web import RequestHandler
 
 from dtm.errors import ConfigError, InputError
 from dtm.io.pyramid import PYRAMID_MAPS
-from dtm.io.results import MicrographResults, open_micrographs, read_peaks
+from dtm.io.results import MicrographResults, open_micrographs
+from dtm.programs.peaks import read_peaks
 
 #: Maps offered, in menu order.
 MAPS = (

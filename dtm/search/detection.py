@@ -24,7 +24,7 @@ import numpy as np
 import scipy.ndimage
 
 from dtm.errors import ConfigError
-from dtm.metrics import pvalue_map
+from dtm.search.metrics import pvalue_map
 
 __all__ = [
     "BACKGROUND_BOXES",
@@ -173,7 +173,7 @@ def metric_map(
         region, ``(ny, nx)`` each.
     metric
         ``detection_z``, ``scaled_mip``, ``mip``, ``pvalue`` (−ln p,
-        :func:`dtm.metrics.pvalue_map`) or ``gev`` (the scaled MIP; the GEV sets only the
+        :func:`dtm.search.metrics.pvalue_map`) or ``gev`` (the scaled MIP; the GEV sets only the
         cut-off).
     box
         ``(h, w)`` of the template box.

@@ -1,6 +1,6 @@
 """The results table of the peaks (conventions.md#threshold, #peaks).
 
-Per micrograph the peaks picked by :mod:`dtm.picking` become a pandas table with the seed
+Per micrograph the peaks picked by :mod:`dtm.search.picking` become a pandas table with the seed
 document's columns (:data:`PEAK_COLUMNS`); across micrographs :func:`peaks_dataframe` builds
 a dask dataframe with one partition per micrograph, each partition reading its own zarr
 group on a worker. :func:`repick` writes the tables of an output directory.
@@ -23,10 +23,9 @@ import xarray as xr
 import zarr
 
 from dtm.config.match import PeaksConfig
-from dtm.detection import metric_map
 from dtm.errors import DtmError, InputError
-from dtm.footprint import template_radius
 from dtm.io.mrc import read_template
+from dtm.io.results import read_peak_table
 from dtm.io.store import (
     axis_pixel_size,
     open_results,
@@ -36,9 +35,12 @@ from dtm.io.store import (
     write_json,
 )
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
-from dtm.metrics import gev_cutoff
-from dtm.picking import default_min_distance, pick_peaks, threshold
-from dtm.side_maxima import explained_peaks, search_model
+from dtm.physics.footprint import template_radius
+from dtm.programs.search_model import search_model
+from dtm.search.detection import metric_map
+from dtm.search.metrics import gev_cutoff
+from dtm.search.picking import default_min_distance, pick_peaks, threshold
+from dtm.search.side_maxima import explained_peaks
 
 #: Re-exported: ``PEAK_COLUMNS`` (the columns of a peak table) and the picking functions.
 __all__ = [
@@ -117,7 +119,7 @@ def search_region(ds: xr.Dataset) -> xr.Dataset:
 
 @functools.lru_cache(maxsize=8)
 def _radius_of(path: str) -> float | None:
-    """:func:`dtm.footprint.template_radius` of a template file, its pixels; None if it
+    """:func:`dtm.physics.footprint.template_radius` of a template file, its pixels; None if it
     cannot be read."""
     try:
         template = read_template(path, pixel_size=1.0)
@@ -130,7 +132,7 @@ def min_distance_pixels(ds: xr.Dataset, picking: PeaksConfig) -> float:
     """Suppression radius of one micrograph's peaks, pixels of its maps.
 
     ``min_distance_pixels`` or ``min_distance_angstrom`` when given; else the radius of the
-    template's density (:func:`dtm.footprint.template_radius`, at the maps' pixel size);
+    template's density (:func:`dtm.physics.footprint.template_radius`, at the maps' pixel size);
     else, when the template file cannot be read, :func:`default_min_distance` of its box.
     """
     if picking.min_distance_angstrom is not None:
@@ -148,7 +150,7 @@ def min_distance_pixels(ds: xr.Dataset, picking: PeaksConfig) -> float:
 def _distinct(
     ds: xr.Dataset, picked: xr.Dataset, strength: np.ndarray, cutoff: float
 ) -> np.ndarray:
-    """:func:`dtm.side_maxima.explained_peaks` of the picks (all kept when the micrograph
+    """:func:`dtm.search.side_maxima.explained_peaks` of the picks (all kept when the micrograph
     or the template file cannot be read)."""
     model = search_model(ds.attrs)
     if model is None:
@@ -165,7 +167,7 @@ def map_threshold(ds: xr.Dataset, picking: PeaksConfig | None = None) -> float:
     ``detection_z``, ``scaled_mip``, ``mip``: ``z_score_cutoff`` when given, else
     :func:`threshold` for ``false_positives`` over the positions of the search region and
     the dataset's ``total_correlations`` (metadata only). ``pvalue``: ``p_value_cutoff``.
-    ``gev``: :func:`dtm.metrics.gev_cutoff` of the search region's scaled MIP.
+    ``gev``: :func:`dtm.search.metrics.gev_cutoff` of the search region's scaled MIP.
     """
     picking = picking or PeaksConfig()
     if picking.metric == "pvalue":
@@ -413,6 +415,32 @@ def peaks_dataframe(
             label="peaks",
             enforce_metadata=True,
         )
+
+
+def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
+    """The peak table of an output directory, and where it came from.
+
+    Reads ``peaks.csv`` (else ``peaks.parquet``) of the output directory; with neither,
+    picks peaks now from the maps with the default threshold (one false positive per
+    micrograph).
+
+    Parameters
+    ----------
+    results
+        Output directory or its ``results.zarr``: local path or fsspec URL.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns of :data:`dtm.io.tables.PEAK_COLUMNS`, one row per peak.
+    str
+        The table's file name, or a note that the peaks were picked now.
+    """
+    found = read_peak_table(results)
+    if found is not None:
+        return found
+    table = peaks_dataframe(results).compute().reset_index(drop=True)
+    return table, "picked now (no peak table in the results directory; default picking)"
 
 
 def repick(

@@ -5,7 +5,7 @@ machine; ``gpu-local``: a ``dask-cuda`` :class:`LocalCUDACluster`, one worker pe
 ``slurm`` / ``pbs``: ``dask-jobqueue`` batch jobs; ``kubernetes``: a ``DaskCluster``
 created through the ``dask-kubernetes`` operator. Their optional dependencies are imported
 only when their kind is started (:func:`import_extra` names the extra to install).
-:func:`dtm.cluster.connect` chooses the kind and closes what it started.
+:func:`dtm.runtime.cluster.connect` chooses the kind and closes what it started.
 
 Threads: each worker process runs ``threads_per_worker`` tasks at once. Worker processes
 started by ``distributed`` (nannies) set ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and

@@ -18,15 +18,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dtm
 from dtm.errors import ConfigError, OutputError
 from dtm.io.atomic import remove_output
 from dtm.io.store import MRC_NAMES, write_json
-
-if TYPE_CHECKING:
-    from dtm.plan import MicrographPlan
+from dtm.schema import token
 
 JOB_FILE = "job.json"
 #: Where a run that stopped on a failure writes the traceback (never to the terminal).
@@ -52,8 +50,6 @@ OUTPUT_FOLDERS = ("results.zarr", "maps", "checkpoints")
 def run_outputs(names: list[str]) -> list[str]:
     """Every path (relative to ``output_dir``) that a match run of these micrograph names
     writes: recorded in ``job.json`` so that ``--overwrite`` removes exactly these."""
-    from dtm.search.graph import token  # noqa: PLC0415 (the search modules are heavier)
-
     outputs = list(FIXED_OUTPUTS)
     single = len(names) == 1
     outputs += ["results.zarr"] if single else ["results.zarr/zarr.json"]
@@ -363,31 +359,6 @@ def record_output(output_dir: Path, relative: str) -> None:
     write_json(output_dir / JOB_FILE, job)
 
 
-def versions() -> dict[str, str]:
-    """Versions of dtm and the libraries that determine its results."""
-    import dask  # noqa: PLC0415 (only for the report)
-    import distributed  # noqa: PLC0415
-    import mrcfile
-    import numpy as np  # noqa: PLC0415
-    import pandas
-    import scipy
-    import xarray as xr  # noqa: PLC0415
-    import zarr
-
-    modules = {
-        "dtm": dtm,
-        "numpy": np,
-        "scipy": scipy,
-        "dask": dask,
-        "distributed": distributed,
-        "xarray": xr,
-        "zarr": zarr,
-        "pandas": pandas,
-        "mrcfile": mrcfile,
-    }
-    return {name: str(getattr(mod, "__version__", "?")) for name, mod in modules.items()}
-
-
 def changed_micrographs(earlier: dict[str, Any], fingerprint: dict[str, Any]) -> dict[str, str]:
     """Micrograph name → what changed since the earlier run's fingerprint (its file's
     content, its CTF values, its path), for the micrographs whose own inputs changed."""
@@ -414,7 +385,7 @@ def recorded_statuses(output_dir: Path) -> dict[str, str]:
 
 def completed_micrographs(output_dir: Path, digests: dict[str, str | None]) -> set[str]:
     """Micrographs that ``run.json`` records as done from a file with the content they
-    have now (``digests``: name → :func:`dtm.plan.content_digest`); an unreadable report:
+    have now (``digests``: name → :func:`dtm.programs.plan.content_digest`); an unreadable report:
     none."""
     path = output_dir / "run.json"
     try:
@@ -429,39 +400,3 @@ def completed_micrographs(output_dir: Path, digests: dict[str, str | None]) -> s
     except (OSError, ValueError, AttributeError):
         # Missing or damaged: resume then recomputes from the checkpoints, never guesses.
         return set()
-
-
-def write_run_report(
-    output_dir: Path,
-    plans: list[MicrographPlan],
-    wall: float | None,
-    tasks_total: int | None = None,
-    stopped: str | None = None,
-) -> None:
-    """``run.json``: per micrograph status, timing, error and the content digest it was
-    searched with; the correlate tasks this invocation computed (only those that ran and
-    whose results were kept) and the run's total; versions. ``stopped``: why a run ended
-    before its end (it can be resumed)."""
-    write_json(
-        output_dir / "run.json",
-        {
-            "finished": wall is not None,
-            "stopped": stopped,
-            "wall_seconds": wall,
-            "tasks_computed": sum(p.tasks_computed for p in plans),
-            "tasks_total": tasks_total,
-            "failed": sorted(p.name for p in plans if p.status == "failed"),
-            "versions": versions(),
-            "micrographs": {
-                p.name: {
-                    "path": str(p.entry.micrograph_path),
-                    "status": p.status,
-                    "seconds": p.seconds,
-                    "error": p.error,
-                    "digest": p.digest,
-                    "tasks_computed": p.tasks_computed,
-                }
-                for p in plans
-            },
-        },
-    )

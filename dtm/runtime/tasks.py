@@ -3,7 +3,7 @@
 Each task reads only its arguments and writes only its own files, so Dask may rerun any of
 them (after a lost worker, or on resume) and get the same result; the one module-level state
 is a per-process cache of GPU copies of the shared inputs, which changes no result. The
-last task of a micrograph, which writes its results, is :func:`dtm.search.persist.persist`:
+last task of a micrograph, which writes its results, is :func:`dtm.runtime.persist.persist`:
 kept apart so that workers which only correlate never import xarray and zarr.
 """
 
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from dtm.dashboard import count_correlations
 from dtm.io.atomic import write_atomic
 from dtm.io.mrc import read_micrograph, read_template
 from dtm.physics.projection import PreparedTemplate, prepare_template
 from dtm.physics.resample import fourier_crop
+from dtm.runtime.dashboard import count_correlations
 from dtm.search.kernel import correlate_chunk
 from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace

@@ -20,11 +20,11 @@ from dtm.config import PreprocessingFilters
 from dtm.errors import InputError
 from dtm.io.mrc import pixel_sizes_differ, read_micrograph
 from dtm.io.store import open_results
-from dtm.particles import extract_boxes
+from dtm.physics.orientations import local_grid
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import compose, euler_to_matrix, matrix_to_euler
-from dtm.refine_kernel import BATCH_BYTES, search_particle, search_window
-from dtm.search.orientations import local_grid
+from dtm.programs.particles import extract_boxes
+from dtm.search.local import BATCH_BYTES, search_particle, search_window
 from dtm.search.prepare import (
     FilterSettings,
     Optics,
@@ -73,7 +73,7 @@ class RefineSettings:
         Position search ``(ry, rx)``, ± pixels.
     orientation_steps : tuple of float or None
         ``(theta_coarse, theta_fine, psi_coarse, psi_fine)`` of
-        :func:`dtm.search.orientations.local_grid` in degrees; None keeps the orientation.
+        :func:`dtm.physics.orientations.local_grid` in degrees; None keeps the orientation.
     defocus_offsets : numpy.ndarray
         Relative defocus offsets from each particle's starting value, Å.
     filters : PreprocessingFilters

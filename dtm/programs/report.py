@@ -40,12 +40,12 @@ from dtm.io.results import (  # noqa: E402
     MicrographResults,
     open_micrographs,
     output_directory,
-    read_peaks,
 )
-from dtm.jobfile import record_output  # noqa: E402
-from dtm.peaks import (  # noqa: E402
+from dtm.io.rundir import record_output  # noqa: E402
+from dtm.programs.peaks import (  # noqa: E402
     map_threshold,
     picking_of,
+    read_peaks,
     read_picking,
     search_region,
     threshold_label,
@@ -113,7 +113,7 @@ def report_threshold(
     dataset: xr.Dataset, picking: dict[str, Any] | None = None
 ) -> tuple[float, str]:
     """The threshold of a micrograph's peaks and how it was set: from ``picking`` (the
-    contents of the last pick's :data:`dtm.peaks.PICKING_FILE`), else from the run's
+    contents of the last pick's :data:`dtm.programs.peaks.PICKING_FILE`), else from the run's
     configuration."""
     if picking is not None:
         options, cutoffs = picking_of(picking)

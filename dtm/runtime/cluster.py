@@ -16,7 +16,7 @@ overrides) into a :class:`distributed.Client`, and closes whatever it started on
     a ``dask-cuda`` :class:`LocalCUDACluster`, one worker per GPU (``dtm[gpu]``); also chosen
     by ``device: gpu`` with the default kind.
 
-How each kind is started: :mod:`dtm.deployments`.
+How each kind is started: :mod:`dtm.runtime.deployments`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dtm.deployments import (
+from dtm.errors import ClusterError
+from dtm.runtime.deployments import (
     cluster_security,
     dashboard_host,
     default_local_workers,
@@ -41,9 +42,8 @@ from dtm.deployments import (
     start_cluster,
     warn_unencrypted,
 )
-from dtm.errors import ClusterError
 
-# Re-exported: the cluster API users reach through dtm.cluster.
+# Re-exported: the cluster API users reach through dtm.runtime.cluster.
 __all__ = [
     "CONNECT_TIMEOUT_S",
     "connect",
@@ -289,7 +289,7 @@ def session(
     Waits for a worker, installs dtm's dashboard page and prints the dashboard link to
     ``out``; a cluster started here is closed on exit.
     """
-    from dtm import dashboard  # noqa: PLC0415 (imports bokeh; only once a cluster is used)
+    from dtm.runtime import dashboard  # noqa: PLC0415 (imports bokeh; only once a cluster is used)
 
     with contextlib.ExitStack() as stack:
         kind = resolve_kind(cluster, scheduler_address, device)

@@ -16,7 +16,7 @@ import dtm
 from dtm.config import MatchConfig, MicrographEntry, config_to_dict
 from dtm.errors import ConfigError, DtmError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph
-from dtm.jobfile import file_digest
+from dtm.io.rundir import file_digest
 from dtm.physics.resample import cropped_size
 from dtm.search.prepare import Optics
 from dtm.search.space import SearchSpace
@@ -418,7 +418,7 @@ def resolve_device(config: MatchConfig, device: str | None, out: TextIO) -> str:
             file=out,
         )
     if wanted == "gpu":
-        from dtm.cluster import gpu_unavailable_reason
+        from dtm.runtime.cluster import gpu_unavailable_reason
 
         reason = gpu_unavailable_reason()
         if reason is not None:

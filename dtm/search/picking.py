@@ -1,6 +1,6 @@
 """Threshold and peak picking on a metric map (conventions.md#threshold, #peaks).
 
-A peak is a position of the picking metric's map (:func:`dtm.detection.metric_map`) above
+A peak is a position of the picking metric's map (:func:`dtm.search.detection.metric_map`) above
 its cut-off, e.g. ``z*``. Peaks are taken strongest
 first (ties: lower y, then lower x) and each accepted peak suppresses every weaker position
 closer than ``min_distance`` pixels (Euclidean): the greedy non-maximum suppression of
