@@ -1,15 +1,18 @@
 """dtm: 2D template matching for cryo-EM, distributed with Dask.
 
 The public API is importable from the top level; submodules are imported on first use so
-that ``import dtm`` (and the ``dtm`` command's start-up) stays light.
+that ``import dtm`` (and the ``dtm`` command's start-up) stays light. Type checkers read the
+real signatures from ``__init__.pyi``. The version is the installed package's (written once,
+in ``pyproject.toml``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("dtm")
 
 _EXPORTS = {
     "match_template": "dtm.programs.match",

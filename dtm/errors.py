@@ -24,6 +24,11 @@ class ClusterError(DtmError, RuntimeError):
     """A Dask cluster could not be reached or started."""
 
 
+class MissingExtra(DtmError, ImportError):
+    """A command needs an optional part of dtm that is not installed (``pip install
+    'dtm[EXTRA]'``)."""
+
+
 class OutputError(DtmError, RuntimeError):
     """The output directory cannot be written, or holds results that must not be replaced."""
 

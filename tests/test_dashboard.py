@@ -14,13 +14,13 @@ import pytest
 from distributed.dashboard.components.scheduler import WorkerTable
 from headless_chromium import Page, chromium_path, run_page
 
-from dtm.runtime.dashboard import (
+from dtm.runtime.dashboard import install
+from dtm.runtime.throughput import (
     RATE_METRIC,
     RATE_WINDOW_S,
     TOTAL_METRIC,
     CorrelationCounter,
     count_correlations,
-    install,
     worker_rates,
 )
 

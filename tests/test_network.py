@@ -24,8 +24,8 @@ from distributed.security import Security
 
 from dtm.config import ClusterConfig
 from dtm.io.store import open_results
-from dtm.runtime.dashboard import TOTAL_METRIC
 from dtm.runtime.deployments import _listen_options, is_loopback
+from dtm.runtime.throughput import TOTAL_METRIC
 from dtm.search.stats import MAP_NAMES
 
 pytestmark = pytest.mark.slow

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dtm.io.atomic import write_atomic
+from dtm.schema import TABLE_DIR
 
 if TYPE_CHECKING:
     import dask.dataframe as dd
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from dtm.search.table import TableRows
 
 #: The dataset's folder in the output directory.
-TABLE_DIR = "correlation_table.parquet"
 #: Columns, in order: positions in map pixels (top-left corner of the template box, as the
 #: maps' ``y``/``x``), angles in degrees, relative defocus in Å, the correlation, and the
 #: global search index ``g = orientation * n_defocus + defocus plane``.

@@ -19,9 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from dtm.io.pyramid import open_pyramid
 from dtm.io.store import open_results, output_directory, result_groups, store_url
 from dtm.io.tables import read_table
-
-#: Peak tables looked for in the output directory, in this order.
-PEAK_TABLES = ("peaks.csv", "peaks.parquet")
+from dtm.schema import PEAK_TABLES
 
 
 @dataclass(frozen=True)

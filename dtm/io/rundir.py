@@ -23,28 +23,28 @@ from typing import Any
 import dtm
 from dtm.errors import ConfigError, OutputError
 from dtm.io.atomic import remove_output
-from dtm.io.store import MRC_NAMES, write_json
-from dtm.schema import token
+from dtm.io.store import write_json
+from dtm.schema import (
+    CHECKPOINTS_DIR,
+    JOB_FILE,
+    LOCK_FILE,
+    LOG_FILE,
+    MAPS_DIR,
+    MRC_NAMES,
+    PEAK_FILES,
+    PICKING_FILE,
+    REPORT_FILE,
+    RESULTS_STORE,
+    RUN_FILE,
+    TABLE_DIR,
+    checkpoint_folder,
+)
 
-JOB_FILE = "job.json"
-#: Where a run that stopped on a failure writes the traceback (never to the terminal).
-LOG_FILE = "dtm-error.log"
-#: The lock file that a ``dtm match`` run holds (``fcntl.flock``) in its output directory.
-LOCK_FILE = ".dtm-match.lock"
 #: Files of an output directory that every dtm match run writes (besides each micrograph's
 #: maps, results group and checkpoints: :func:`run_outputs`).
-FIXED_OUTPUTS = (
-    JOB_FILE,
-    "run.json",
-    "peaks.csv",
-    "peaks.parquet",
-    "peaks.star",
-    "peaks.json",
-    "correlation_table.parquet",
-    LOG_FILE,
-)
+FIXED_OUTPUTS = (JOB_FILE, RUN_FILE, *PEAK_FILES, PICKING_FILE, TABLE_DIR, LOG_FILE)
 #: Folders of an output directory that dtm creates for the outputs inside them.
-OUTPUT_FOLDERS = ("results.zarr", "maps", "checkpoints")
+OUTPUT_FOLDERS = (RESULTS_STORE, MAPS_DIR, CHECKPOINTS_DIR)
 
 
 def run_outputs(names: list[str]) -> list[str]:
@@ -52,10 +52,10 @@ def run_outputs(names: list[str]) -> list[str]:
     writes: recorded in ``job.json`` so that ``--overwrite`` removes exactly these."""
     outputs = list(FIXED_OUTPUTS)
     single = len(names) == 1
-    outputs += ["results.zarr"] if single else ["results.zarr/zarr.json"]
+    outputs += [RESULTS_STORE] if single else [f"{RESULTS_STORE}/zarr.json"]
     for name in names:
         outputs += micrograph_outputs(name, single)
-        outputs.append(f"checkpoints/{token(name)}")
+        outputs.append(checkpoint_folder(name))
     return outputs
 
 
@@ -63,8 +63,8 @@ def micrograph_outputs(name: str, single: bool) -> list[str]:
     """The maps and results group of one micrograph of a run of several (``single``: its
     maps only; the results group is then all of ``results.zarr``)."""
     prefix = "" if single else f"{name}_"
-    outputs = [f"maps/{prefix}{file}" for file in MRC_NAMES.values()]
-    return outputs if single else [*outputs, f"results.zarr/{name}"]
+    outputs = [f"{MAPS_DIR}/{prefix}{file}" for file in MRC_NAMES.values()]
+    return outputs if single else [*outputs, f"{RESULTS_STORE}/{name}"]
 
 
 def file_digest(path: str | Path) -> str:
@@ -99,7 +99,7 @@ def check_writable(output_dir: Path, field: str = "output_dir") -> None:
 
 def has_results(output_dir: Path) -> bool:
     """Whether ``output_dir`` holds (part of) an earlier run."""
-    return (output_dir / JOB_FILE).exists() or (output_dir / "results.zarr").exists()
+    return (output_dir / JOB_FILE).exists() or (output_dir / RESULTS_STORE).exists()
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -181,7 +181,7 @@ def check_output_dir(output_dir: Path) -> None:
                 f"output_dir {output_dir}: is {what}; choose a directory for this run's results"
             )
     candidates = [absolute, absolute / LOCK_FILE]
-    candidates += [absolute / name for name in (*FIXED_OUTPUTS, *OUTPUT_FOLDERS, "report.html")]
+    candidates += [absolute / name for name in (*FIXED_OUTPUTS, *OUTPUT_FOLDERS, REPORT_FILE)]
     for folder in OUTPUT_FOLDERS:
         if (absolute / folder).is_dir() and not (absolute / folder).is_symlink():
             candidates += sorted((absolute / folder).iterdir())
@@ -307,7 +307,7 @@ def clear_outputs(output_dir: Path, job: dict[str, Any] | None, inputs: list[Pat
             continue
         if path.exists() or path.is_symlink():
             remove_output(path, output_dir)
-    for folder in ("results.zarr", "maps", "checkpoints"):
+    for folder in OUTPUT_FOLDERS:
         with contextlib.suppress(OSError):
             (output_dir / folder).rmdir()
 
@@ -374,7 +374,7 @@ def changed_micrographs(earlier: dict[str, Any], fingerprint: dict[str, Any]) ->
 def recorded_statuses(output_dir: Path) -> dict[str, str]:
     """Micrograph name → its status in ``run.json`` (an unreadable report: none)."""
     try:
-        report = json.loads((output_dir / "run.json").read_text())
+        report = json.loads((output_dir / RUN_FILE).read_text())
         return {
             str(name): str(item.get("status"))
             for name, item in report.get("micrographs", {}).items()
@@ -387,7 +387,7 @@ def completed_micrographs(output_dir: Path, digests: dict[str, str | None]) -> s
     """Micrographs that ``run.json`` records as done from a file with the content they
     have now (``digests``: name → :func:`dtm.programs.plan.content_digest`); an unreadable report:
     none."""
-    path = output_dir / "run.json"
+    path = output_dir / RUN_FILE
     try:
         report = json.loads(path.read_text())
         return {

@@ -30,18 +30,7 @@ from dtm.errors import InputError
 from dtm.io.atomic import check_inside, replace_atomic, temporary_name, write_atomic
 from dtm.io.mrc import write_map
 from dtm.io.pyramid import PYRAMID_MAPS, write_pyramid
-
-#: Map variable → file name of its `.mrc` export (Leopard-EM's names).
-MRC_NAMES = {
-    "mip": "mip.mrc",
-    "scaled_mip": "scaled_mip.mrc",
-    "correlation_mean": "correlation_average.mrc",
-    "correlation_variance": "correlation_variance.mrc",
-    "phi": "orientation_phi.mrc",
-    "theta": "orientation_theta.mrc",
-    "psi": "orientation_psi.mrc",
-    "defocus": "relative_defocus.mrc",
-}
+from dtm.schema import MRC_NAMES, RESULTS_STORE
 
 #: Chunking of the full-resolution maps in zarr, for browsing.
 BROWSE_CHUNK = 512
@@ -179,7 +168,7 @@ def store_url(results: str | os.PathLike[str]) -> str:
     """The ``results.zarr`` store of an output directory, or ``results`` if it is one
     (local path or fsspec URL)."""
     store = str(results).rstrip("/")
-    return store if store.endswith(".zarr") else f"{store}/results.zarr"
+    return store if store.endswith(".zarr") else f"{store}/{RESULTS_STORE}"
 
 
 def output_directory(results: str | os.PathLike[str]) -> str:

@@ -28,35 +28,31 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from bokeh.application import Application
-from bokeh.application.handlers.function import FunctionHandler
-from bokeh.document import Document
-from bokeh.events import Event, RangesUpdate
-from bokeh.layouts import column, row
-from bokeh.models import BoxZoomTool, ColumnDataSource, HoverTool, LinearColorMapper, Range1d
-from bokeh.models.annotations import ColorBar
-from bokeh.models.widgets import Div, Select
-from bokeh.plotting import figure
-from bokeh.server.server import Server
 from tornado.httputil import split_host_and_port
 from tornado.web import RequestHandler
 
-from dtm.errors import ConfigError, InputError
+from dtm.errors import ConfigError, InputError, MissingExtra
 from dtm.io.pyramid import PYRAMID_MAPS
 from dtm.io.results import MicrographResults, open_micrographs
 from dtm.programs.peaks import read_peaks
+from dtm.schema import MAP_NAMES
 
-#: Maps offered, in menu order.
-MAPS = (
-    "scaled_mip",
-    "mip",
-    "correlation_mean",
-    "correlation_variance",
-    "phi",
-    "theta",
-    "psi",
-    "defocus",
-)
+try:
+    from bokeh.application import Application
+    from bokeh.application.handlers.function import FunctionHandler
+    from bokeh.document import Document
+    from bokeh.events import Event, RangesUpdate
+    from bokeh.layouts import column, row
+    from bokeh.models import BoxZoomTool, ColumnDataSource, HoverTool, LinearColorMapper, Range1d
+    from bokeh.models.annotations import ColorBar
+    from bokeh.models.widgets import Div, Select
+    from bokeh.plotting import figure
+    from bokeh.server.server import Server
+except ModuleNotFoundError as error:  # the viz extra is not installed
+    raise MissingExtra(f"dtm browse needs {error.name}: pip install 'dtm[viz]'") from None
+
+#: Maps offered, in menu order: the scaled MIP first.
+MAPS = ("scaled_mip", *(name for name in MAP_NAMES if name != "scaled_mip"))
 #: Width and height of the plot in screen pixels; views are read at about this resolution.
 PLOT_PIXELS = 800
 #: Fraction of the view added on each side when reading, so short pans need no read.

@@ -8,37 +8,24 @@ one table over all micrographs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import json
-import os
 import sys
-import tempfile
 import time
-import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
-import dask
 import distributed
 import xarray as xr
-from dask.delayed import Delayed
 
 from dtm.config import MatchConfig, config_to_dict, load_match_config
-from dtm.errors import DtmError, InputError, Interrupted, RunStopped
-from dtm.io.atomic import check_inside, remove_output
-from dtm.io.correlation_table import (
-    TABLE_DIR,
-    count_rows,
-    export_correlation_table,
-    table_file,
-    table_files,
-)
+from dtm.errors import DtmError, InputError, Interrupted
+from dtm.io.atomic import remove_output
+from dtm.io.correlation_table import count_rows, export_correlation_table, table_files
 from dtm.io.mrc import read_template
 from dtm.io.rundir import (
-    LOG_FILE,
     changed_micrographs,
     check_inputs_not_outputs,
     check_output_dir,
@@ -53,37 +40,26 @@ from dtm.io.rundir import (
     run_outputs,
     write_job,
 )
-from dtm.io.runlog import captured_logs
-from dtm.io.store import ensure_root_group, open_results
+from dtm.io.store import open_results
 from dtm.programs.plan import (
     MicrographPlan,
-    Sampling,
     auto_chunk_size,
     check_disk_space,
     check_leopard_paths,
     check_search_memory,
     check_search_size,
     connected_worker_memory,
-    dataset_attrs,
     fingerprint,
     resolve_device,
     sampling_for,
     validate_micrographs,
     worker_memory,
 )
-from dtm.programs.record import write_run_report
-from dtm.runtime import tasks
-from dtm.runtime.cluster import (
-    QUEUED_KINDS,
-    WORKER_TIMEOUT_S,
-    resolve_kind,
-    session,
-    worker_threads,
-)
-from dtm.runtime.graph import leaves_to_compute, search_graph
-from dtm.runtime.persist import persist
-from dtm.runtime.progress import Progress, format_duration
-from dtm.schema import token
+from dtm.programs.record import saved, stopped_run, write_run_report
+from dtm.programs.submit import Search, checkpoint_dir, run_search
+from dtm.runtime.cluster import QUEUED_KINDS, WORKER_TIMEOUT_S, resolve_kind, session
+from dtm.runtime.progress import format_duration
+from dtm.schema import PEAK_TABLES, TABLE_DIR, token
 from dtm.search.prepare import fft_shape_for
 from dtm.search.space import SearchSpace
 
@@ -278,7 +254,7 @@ def run_match(
                 # now fails must not keep the maps, and peaks, of its former content).
                 for plan in plans:
                     if plan.name in changed:
-                        remove_output(_checkpoints(output_dir, plan), output_dir)
+                        remove_output(checkpoint_dir(output_dir, plan), output_dir)
                         if len(plans) > 1:
                             for relative in micrograph_outputs(plan.name, single=False):
                                 remove_output(output_dir / relative, output_dir)
@@ -290,7 +266,7 @@ def run_match(
                 run_token = token(
                     f"{output_dir.resolve()}|{json.dumps(run_fingerprint, sort_keys=True)}"
                 )
-                search = _Search(
+                search = Search(
                     config,
                     sampling,
                     space,
@@ -301,12 +277,12 @@ def run_match(
                     run_token,
                     _worker_timeout(config, scheduler_address, run_device),
                 )
-                n_searched = _run(client, search, plans, done, out, strict)
+                n_searched = run_search(client, search, plans, done, out, strict)
                 if config.table_settings() is not None:
                     _report_table(config, output_dir, out)
                 # A resumed run that had nothing left to search keeps the peaks picked
                 # earlier (perhaps re-picked with `dtm peaks`).
-                if n_searched or not (output_dir / "peaks.csv").exists():
+                if n_searched or not (output_dir / PEAK_TABLES[0]).exists():
                     _write_peaks(config, output_dir, out)
                 else:
                     print(
@@ -318,10 +294,10 @@ def run_match(
         except DtmError:
             raise
         except KeyboardInterrupt as exc:
-            saved = _saved(output_dir, plans, total_tasks, "interrupted")
-            raise Interrupted(saved) from exc
+            summary = saved(output_dir, plans, total_tasks, "interrupted")
+            raise Interrupted(summary) from exc
         except BaseException as exc:  # noqa: BLE001 (every failure: one line, and a log)
-            raise _stopped(exc, output_dir, plans, total_tasks, scheduler_address) from None
+            raise stopped_run(exc, output_dir, plans, total_tasks, scheduler_address) from None
     tasks_run = sum(plan.tasks_computed for plan in plans)
     # Only the correlations computed by this run: restored checkpoints cost nothing.
     computed = tasks_run * space.n_correlations / len(chunks)
@@ -381,92 +357,6 @@ def _worker_timeout(
     return None if kind in QUEUED_KINDS else WORKER_TIMEOUT_S
 
 
-def _saved(output_dir: Path, plans: list[MicrographPlan], total_tasks: int, stopped: str) -> str:
-    """Record what a stopped run saved in ``run.json`` (if the disk lets it); one line."""
-    with contextlib.suppress(OSError, DtmError):
-        write_run_report(output_dir, plans, None, total_tasks, stopped=stopped)
-    n_done = sum(plan.status == "done" for plan in plans)
-    n_failed = sum(plan.status == "failed" for plan in plans)
-    try:
-        groups = len(list((output_dir / "checkpoints").rglob("group-*.npz")))
-    except OSError:
-        groups = 0
-    parts = [f"{n_done} of {len(plans)} micrograph(s) done"]
-    if n_failed:
-        parts.append(f"{n_failed} failed")
-    if groups:
-        parts.append(f"{groups} group(s) of tasks checkpointed")
-    return f"saved in {output_dir}: {', '.join(parts)}"
-
-
-def _stopped(
-    exc: BaseException,
-    output_dir: Path,
-    plans: list[MicrographPlan],
-    total_tasks: int,
-    scheduler_address: str | None,
-) -> RunStopped:
-    """A failure that stopped a run, as one line; its traceback goes to the log file."""
-    what = _what_failed(exc, scheduler_address)
-    log: str | None = None
-    # In output_dir; where it cannot be written (a full disk), in the temporary folder.
-    fallback = Path(tempfile.gettempdir()) / f"dtm-error-{os.getpid()}.log"
-    for path in (output_dir / LOG_FILE, fallback):
-        try:
-            with open(path, "a") as f:
-                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {what}\n")
-                f.write("".join(traceback.format_exception(exc)))
-                for line in captured_logs():
-                    f.write(line + "\n")
-        except OSError:
-            continue
-        log = str(path)
-        break
-    saved = _saved(output_dir, plans, total_tasks, what)
-    return RunStopped(what, saved, log)
-
-
-def _os_error(exc: BaseException) -> OSError | None:
-    """The first OSError with an errno in an exception's chain."""
-    seen: set[int] = set()
-    item: BaseException | None = exc
-    while item is not None and id(item) not in seen:
-        seen.add(id(item))
-        if isinstance(item, OSError) and item.errno is not None:
-            return item
-        item = item.__cause__ or item.__context__
-    return None
-
-
-def _what_failed(exc: BaseException, scheduler_address: str | None) -> str:
-    """What happened, in words a user acts on."""
-    import asyncio
-    import errno
-
-    from distributed.comm import CommClosedError
-
-    if isinstance(exc, RunStopped):
-        return exc.what
-    error = _os_error(exc)
-    if error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" ({error.filename})" if error.filename else ""
-        return f"the output disk is full{where}; free space, or choose another output_dir"
-    if error is not None and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        where = f" {error.filename}" if error.filename else ""
-        return f"cannot write{where} any more ({error.strerror})"
-    if isinstance(exc, concurrent.futures.CancelledError | asyncio.CancelledError):
-        return "lost the connection to the dask scheduler (it stopped or is unreachable)"
-    if isinstance(exc, CommClosedError | OSError | TimeoutError):
-        return f"lost the connection to the dask scheduler ({type(exc).__name__})"
-    if type(exc).__name__ == "KilledWorker":
-        return (
-            "a task killed every worker that ran it (most often: out of memory); give the "
-            "workers more memory (cluster.memory_limit)"
-        )
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"unexpected failure: {type(exc).__name__}" + (f": {text}" if text else "")
-
-
 def run_inputs(config: MatchConfig, plans: list[MicrographPlan]) -> list[Path]:
     """The files a run reads: never replaced or removed by it."""
     inputs = [Path(config.template_volume_path)]
@@ -476,225 +366,6 @@ def run_inputs(config: MatchConfig, plans: list[MicrographPlan]) -> list[Path]:
     if config.source_path is not None:
         inputs.append(config.source_path)
     return inputs
-
-
-#: Correlate tasks in flight per worker thread: enough queued that no worker waits while a
-#: micrograph's last merges and its persist task run.
-TASKS_IN_FLIGHT_PER_THREAD = 4
-
-
-@dataclass(frozen=True)
-class _Search:
-    """What every micrograph of a run shares."""
-
-    config: MatchConfig
-    sampling: Sampling
-    space: SearchSpace
-    chunks: list[tuple[int, int]]
-    output_dir: Path
-    start: str  # the run's start time, recorded in every dataset
-    device: str
-    token: str  # in every task key: two runs sharing a scheduler never share a task
-    worker_timeout: float | None = None  # seconds without workers before the run stops
-
-
-def _run(
-    client: distributed.Client,
-    search: _Search,
-    plans: list[MicrographPlan],
-    done: set[str],
-    out: TextIO,
-    strict: bool = False,
-) -> int:
-    """Search every micrograph still to search, a window of them at a time; record each.
-
-    Micrographs are submitted as the earlier ones finish, enough of them to keep every
-    worker thread busy, so that a project of thousands of micrographs never holds all
-    their graphs at once (on the client or on the scheduler) and the first ones finish,
-    and are recorded for ``--resume``, early. Each micrograph's ``tasks_computed`` counts
-    the correlate tasks this run computed for it (not those restored from checkpoints,
-    nor those that never ran). Returns the number of micrographs whose maps were written.
-
-    Raises
-    ------
-    RunStopped
-        No task finished for ``cluster.stall_timeout`` seconds (workers paused for memory),
-        or no worker was left for ``worker_timeout`` seconds.
-    """
-    config, space, chunks, output_dir = (
-        search.config,
-        search.space,
-        search.chunks,
-        search.output_dir,
-    )
-    todo = []
-    for plan in plans:
-        if plan.status == "failed":
-            continue
-        if plan.name in done:
-            plan.status = "done"
-        else:
-            todo.append(plan)
-    if not todo:
-        return 0
-    total_tasks = len(chunks) * sum(plan.status != "failed" for plan in plans)
-    split_every = config.cluster.split_every
-    planned = {
-        plan.name: leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan))
-        for plan in todo
-    }
-    n_tasks = sum(planned.values())
-    if len(plans) > 1:
-        ensure_root_group(output_dir / "results.zarr")
-    if n_tasks < len(chunks) * len(todo):
-        print(
-            f"resuming: {len(chunks) * len(todo) - n_tasks} of {len(chunks) * len(todo)} "
-            "tasks restored from checkpoints",
-            file=out,
-        )
-    # Computed once and held for the whole run: every micrograph's graph refers to them.
-    # The orientation table travels once, as a graph literal rather than scattered data,
-    # so that Dask can recompute it after losing a worker; distributed's large-graph
-    # warning (24 bytes per orientation: 38 MB for a 1.5° search) would only alarm.
-    with dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GiB"}):
-        space_node, template_node = client.compute(
-            [
-                dask.delayed(space, name=f"space-{search.token}", traverse=False),
-                dask.delayed(tasks.load_template)(
-                    str(config.template_volume_path),
-                    search.sampling.crop_pixel_size,
-                    config.optics_group.pixel_size,
-                    dask_key_name=f"prepare-template-{search.token}",
-                ),
-            ]
-        )
-    graph = functools.partial(
-        _micrograph_graph,
-        search=search,
-        space_node=space_node,
-        template_node=template_node,
-        single=len(plans) == 1,
-    )
-    waiting = list(reversed(todo))
-    plan_of: dict[distributed.Future, MicrographPlan] = {}
-
-    def submit() -> None:
-        """Submit micrographs until enough correlate tasks are in flight."""
-        wanted = TASKS_IN_FLIGHT_PER_THREAD * max(1, worker_threads(client))
-        while waiting and (len(plan_of) < 2 or len(plan_of) * len(chunks) < wanted):
-            plan = waiting.pop()
-            plan_of[client.compute(graph(plan))] = plan
-
-    def computed(plan: MicrographPlan) -> int:
-        """Correlate tasks of ``plan`` computed so far and kept (checkpointed)."""
-        left = leaves_to_compute(len(chunks), split_every, _checkpoints(output_dir, plan))
-        return max(0, planned[plan.name] - left)
-
-    per_task = space.n_correlations / max(len(chunks), 1)
-    started = time.perf_counter()
-    monitor = Progress(
-        client,
-        n_tasks,
-        per_task,
-        stream=out,
-        stall_timeout=config.cluster.stall_timeout,
-        worker_timeout=search.worker_timeout,
-    )
-    try:
-        with monitor:
-            submit()
-            while plan_of:
-                try:
-                    finished = distributed.wait(
-                        list(plan_of), timeout=1.0, return_when="FIRST_COMPLETED"
-                    ).done
-                except TimeoutError:
-                    finished = set()
-                problem = monitor.problem()
-                if problem is not None:
-                    raise RunStopped(problem)
-                for future in finished:
-                    plan = plan_of.pop(future)
-                    try:
-                        future.result()
-                        plan.status, plan.tasks_computed = "done", planned[plan.name]
-                    except DtmError as exc:
-                        if len(plans) == 1 or strict:
-                            raise
-                        plan.status, plan.error = "failed", str(exc)
-                        plan.tasks_computed = computed(plan)
-                        print(f"failed: {plan.name}: {exc}", file=out)
-                    plan.seconds = time.perf_counter() - started
-                    monitor.touch()
-                    write_run_report(output_dir, plans, None, total_tasks)
-                    # Only once run.json says the micrograph is done may its checkpoints go.
-                    if plan.status == "done":
-                        remove_output(_checkpoints(output_dir, plan), output_dir)
-                    future.release()  # lets the scheduler forget this micrograph's graph
-                    submit()
-    finally:
-        for plan in plan_of.values():  # stopped: what the unfinished ones kept
-            plan.tasks_computed = computed(plan)
-    with contextlib.suppress(OSError):  # kept while a micrograph still has checkpoints
-        (output_dir / "checkpoints").rmdir()
-    return sum(plan.status == "done" for plan in todo)
-
-
-def _checkpoints(output_dir: Path, plan: MicrographPlan) -> Path:
-    return check_inside(output_dir / "checkpoints" / token(plan.name), output_dir)
-
-
-def _micrograph_graph(
-    plan: MicrographPlan,
-    *,
-    search: _Search,
-    space_node: distributed.Future,
-    template_node: distributed.Future,
-    single: bool,
-) -> Delayed:
-    """The graph of one micrograph's search, ending in the task that writes its maps."""
-    config, sampling, output_dir = search.config, search.sampling, search.output_dir
-    tok = token(f"{search.token}/{plan.name}")
-    job = tasks.MicrographTask(
-        plan.name,
-        str(plan.entry.micrograph_path),
-        plan.optics,
-        sampling.box,
-        config.preprocessing_filters.settings(sampling.pixel_size),
-        config.correlation_mode,
-        sampling.crop_pixel_size,
-        config.optics_group.pixel_size,
-    )
-    image_node = dask.delayed(tasks.load_micrograph)(
-        job, search.space.defocus, dask_key_name=f"prepare-{tok}"
-    )
-    tree = search_graph(
-        tok,
-        image_node,
-        template_node,
-        space_node,
-        search.chunks,
-        split_every=config.cluster.split_every,
-        checkpoint_dir=_checkpoints(output_dir, plan),
-        device=search.device,
-        table=config.table_settings(),
-    )
-    extra = config.match_template_result.map_paths() if config.match_template_result else None
-    root: Delayed = dask.delayed(persist)(
-        tree,
-        space_node,
-        output_dir=str(output_dir),
-        group=None if single else plan.name,
-        prefix="" if single else f"{plan.name}_",
-        pixel_size=plan.optics.pixel_size,
-        attrs=dataset_attrs(config, plan, sampling, search.space, search.start),
-        extra_paths={k: str(v) for k, v in extra.items()} if (extra and single) else None,
-        table_path=(
-            str(table_file(output_dir, plan.name)) if config.table_settings() is not None else None
-        ),
-        dask_key_name=f"persist-{tok}",
-    )
-    return root
 
 
 def _report_table(config: MatchConfig, output_dir: Path, out: TextIO) -> None:

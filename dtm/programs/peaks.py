@@ -37,6 +37,14 @@ from dtm.io.store import (
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
 from dtm.physics.footprint import template_radius
 from dtm.programs.search_model import search_model
+from dtm.schema import (
+    JOB_FILE,
+    MAP_NAMES,
+    OPTICS_FIELDS,
+    PEAKS_STEM,
+    PICKING_FILE,
+    RESULTS_STORE,
+)
 from dtm.search.detection import metric_map
 from dtm.search.metrics import gev_cutoff
 from dtm.search.picking import default_min_distance, pick_peaks, threshold
@@ -62,12 +70,9 @@ __all__ = [
     "threshold_summary",
 ]
 
-#: Beside the peak tables: the settings that picked them (``dtm peaks`` may change them).
-PICKING_FILE = "peaks.json"
-
 #: Statistic maps of the results dataset copied into the table (map name = column name,
 #: except ``defocus`` → ``relative_defocus``).
-_MAPS = ["mip", "scaled_mip", "correlation_mean", "correlation_variance", "psi", "theta", "phi"]
+_MAPS = [name for name in MAP_NAMES if name != "defocus"]
 
 #: Table column → key of ``attrs["map_paths"]``.
 _MAP_PATH_COLUMNS = {
@@ -81,16 +86,10 @@ _MAP_PATH_COLUMNS = {
     "correlation_variance_path": "correlation_variance",
 }
 
-#: Per-micrograph attributes copied into every row.
-_OPTICS = (
-    "defocus_u defocus_v astigmatism_angle pixel_size voltage spherical_aberration "
-    "amplitude_contrast_ratio phase_shift ctf_B_factor"
-).split()
-
 _REQUIRED_ATTRS = (
     "micrograph_name micrograph_path template_path template_shape image_shape "
     "correlation_mode total_correlations"
-).split() + _OPTICS
+).split() + list(OPTICS_FIELDS)
 
 
 def _attr(ds: xr.Dataset, name: str) -> Any:
@@ -295,7 +294,7 @@ def peaks_table(
     """
     picking = picking or PeaksConfig()
     missing = [name for name in _REQUIRED_ATTRS if name not in ds.attrs]
-    missing += [name for name in [*_MAPS, "defocus"] if name not in ds.data_vars]
+    missing += [name for name in list(MAP_NAMES) if name not in ds.data_vars]
     if missing:
         label = ds.attrs.get("micrograph_name", "results dataset")
         raise InputError(f"{label}: results lack {', '.join(missing)}")
@@ -321,7 +320,7 @@ def peaks_table(
     )
     iy, ix = peaks[:, 0], peaks[:, 1]
     at = {"y": xr.DataArray(iy, dims="peak"), "x": xr.DataArray(ix, dims="peak")}
-    picked = region[[*_MAPS, "defocus"]].isel(at).compute()
+    picked = region[list(MAP_NAMES)].isel(at).compute()
     neg_log_p = values if picking.metric == "pvalue" else metric_map(maps, "pvalue", box, cutoff)
     if picking.merge_side_maxima and len(iy) > 1:
         distinct = _distinct(ds, picked, z[iy, ix], z_cutoff)
@@ -344,7 +343,7 @@ def peaks_table(
         "pos_x_img_angstrom": (pos_x + box_w // 2) * along_x,
         "pos_y_img_angstrom": (pos_y + box_h // 2) * along_y,
         "relative_defocus": picked["defocus"].values.astype(np.float64),
-        **{name: np.full(n, float(attrs[name])) for name in _OPTICS},
+        **{name: np.full(n, float(attrs[name])) for name in OPTICS_FIELDS},
         "micrograph_path": [str(attrs["micrograph_path"])] * n,
         "template_path": [str(attrs["template_path"])] * n,
         **{col: [str(map_paths.get(key, ""))] * n for col, key in _MAP_PATH_COLUMNS.items()},
@@ -474,8 +473,8 @@ def repick(
     directory = Path(results_dir)
     if not directory.is_dir():
         raise InputError(f"{directory}: results directory not found")
-    if not (directory / "results.zarr").exists():
-        if (directory / "job.json").exists():
+    if not (directory / RESULTS_STORE).exists():
+        if (directory / JOB_FILE).exists():
             raise InputError(
                 f"{directory}: its search has not finished (continue it with "
                 "dtm match CONFIG --resume)"
@@ -483,10 +482,10 @@ def repick(
         raise InputError(f"{directory}: no results.zarr here (run dtm match first)")
     datasets = open_results(directory)
     cutoffs = {name: map_threshold(ds, picking) for name, ds in datasets.items()}
-    table_graph = peaks_dataframe(directory / "results.zarr", picking, cutoffs=cutoffs)
+    table_graph = peaks_dataframe(directory / RESULTS_STORE, picking, cutoffs=cutoffs)
     table = client.compute(table_graph).result() if client is not None else table_graph.compute()
     table = table.reset_index(drop=True)
-    write_table(table, directory, "peaks")
+    write_table(table, directory, PEAKS_STEM)
     settings = {
         "options": picking.model_dump(mode="json"),
         "thresholds": cutoffs,

@@ -18,6 +18,7 @@ from dtm.errors import ConfigError, DtmError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph
 from dtm.io.rundir import file_digest
 from dtm.physics.resample import cropped_size
+from dtm.schema import OPTICS_FIELDS
 from dtm.search.prepare import Optics
 from dtm.search.space import SearchSpace
 
@@ -327,14 +328,7 @@ def dataset_attrs(
         "total_orientations": space.n_orientations,
         "total_defocus": space.n_defocus,
         "total_correlations": space.n_correlations,
-        "defocus_u": optics.defocus_u,
-        "defocus_v": optics.defocus_v,
-        "astigmatism_angle": optics.astigmatism_angle,
-        "voltage": optics.voltage,
-        "spherical_aberration": optics.spherical_aberration,
-        "amplitude_contrast_ratio": optics.amplitude_contrast_ratio,
-        "phase_shift": optics.phase_shift,
-        "ctf_B_factor": optics.ctf_B_factor,
+        **{name: getattr(optics, name) for name in OPTICS_FIELDS if name != "pixel_size"},
         "config": json.dumps(config_to_dict(config)),
         "dtm_version": dtm.__version__,
         "start_time": start,

@@ -22,27 +22,21 @@ import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy.special import log_ndtr
 
-matplotlib.use("Agg")  # no display: figures are only written to PNG
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import xarray as xr  # noqa: E402
-from scipy.special import log_ndtr  # noqa: E402
-
-from dtm.config.match import PeaksConfig  # noqa: E402
-from dtm.errors import OutputError  # noqa: E402
-from dtm.io.atomic import write_atomic  # noqa: E402
-from dtm.io.results import (  # noqa: E402
-    PEAK_TABLES,
+from dtm.config.match import PeaksConfig
+from dtm.errors import MissingExtra, OutputError
+from dtm.io.atomic import write_atomic
+from dtm.io.results import (
     MicrographResults,
     open_micrographs,
     output_directory,
 )
-from dtm.io.rundir import record_output  # noqa: E402
-from dtm.programs.peaks import (  # noqa: E402
+from dtm.io.rundir import record_output
+from dtm.programs.peaks import (
     map_threshold,
     picking_of,
     read_peaks,
@@ -50,6 +44,15 @@ from dtm.programs.peaks import (  # noqa: E402
     search_region,
     threshold_label,
 )
+from dtm.schema import PEAK_TABLES, REPORT_FILE
+
+try:
+    # Figures are built on their own canvas (no pyplot): the global backend of the user's
+    # session (a notebook's) is left as it is.
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+except ModuleNotFoundError as error:  # the viz extra is not installed
+    raise MissingExtra(f"dtm report needs {error.name}: pip install 'dtm[viz]'") from None
 
 #: Columns of the peak table shown in the report.
 TABLE_COLUMNS = [
@@ -113,7 +116,7 @@ def report_threshold(
     dataset: xr.Dataset, picking: dict[str, Any] | None = None
 ) -> tuple[float, str]:
     """The threshold of a micrograph's peaks and how it was set: from ``picking`` (the
-    contents of the last pick's :data:`dtm.programs.peaks.PICKING_FILE`), else from the run's
+    contents of the last pick's :data:`dtm.schema.PICKING_FILE`), else from the run's
     configuration."""
     if picking is not None:
         options, cutoffs = picking_of(picking)
@@ -126,10 +129,9 @@ def report_threshold(
     return cutoff, threshold_label([cutoff], options)
 
 
-def _png(figure: plt.Figure) -> str:
+def _png(figure: Figure) -> str:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -148,7 +150,8 @@ def mip_figure(micrograph: MicrographResults, peaks: pd.DataFrame, cutoff: float
     image, factor = _overview_level(micrograph)
     box = int(micrograph.dataset.attrs["template_shape"][-1])
     h, w = image.shape
-    figure, axes = plt.subplots(figsize=(6.5, 6.5 * h / w + 0.6))
+    figure = Figure(figsize=(6.5, 6.5 * h / w + 0.6))
+    axes = figure.subplots()
     finite = image[np.isfinite(image)]
     low = float(np.percentile(finite, 1)) if finite.size else 0.0
     high = max(float(finite.max()) if finite.size else 1.0, cutoff)
@@ -164,7 +167,7 @@ def mip_figure(micrograph: MicrographResults, peaks: pd.DataFrame, cutoff: float
     radius = max(CIRCLE_RADIUS_FRACTION * box, 3.0)
     for _, peak in peaks.iterrows():
         axes.add_patch(
-            plt.Circle(
+            Circle(
                 (peak["pos_x"], peak["pos_y"]),
                 radius,
                 fill=False,
@@ -194,7 +197,8 @@ def survival_figure(micrograph: MicrographResults, cutoff: float, label: str) ->
     z, observed, expected = survival_curves(region, n_correlations)
     z_hi = max(z[-1], cutoff) + 0.5
     z_model = np.linspace(z[0], z_hi, 400)
-    figure, axes = plt.subplots(figsize=(6.0, 4.2))
+    figure = Figure(figsize=(6.0, 4.2))
+    axes = figure.subplots()
     axes.step(z, observed, where="post", color="#1f77b4", label="observed")
     axes.plot(
         z_model,
@@ -290,7 +294,7 @@ def write_report(
     directory = output_directory(results_dir)
     in_output_dir = out is None and "://" not in directory
     if out is None:
-        out = Path(directory) / "report.html" if in_output_dir else Path("report.html")
+        out = Path(directory) / REPORT_FILE if in_output_dir else Path(REPORT_FILE)
     sections = [
         _section(m, peaks[peaks["micrograph_name"] == m.name].reset_index(drop=True), picking)
         for m in micrographs
@@ -318,5 +322,5 @@ def write_report(
     except OSError as error:
         raise OutputError(f"{path}: cannot write the report ({error})") from None
     if in_output_dir:  # an output of the run: a later --overwrite removes it with the rest
-        record_output(Path(directory), "report.html")
+        record_output(Path(directory), REPORT_FILE)
     return path

@@ -289,7 +289,8 @@ def session(
     Waits for a worker, installs dtm's dashboard page and prints the dashboard link to
     ``out``; a cluster started here is closed on exit.
     """
-    from dtm.runtime import dashboard  # noqa: PLC0415 (imports bokeh; only once a cluster is used)
+    # distributed's HTTP handlers: imported only once a cluster is used.
+    from dtm.runtime import dashboard  # noqa: PLC0415
 
     with contextlib.ExitStack() as stack:
         kind = resolve_kind(cluster, scheduler_address, device)
@@ -310,8 +311,8 @@ def session(
             print("waiting for the first worker job to start (Ctrl-C to stop)", file=out)
         timeout = setting(cluster, "worker_timeout", None if queued else WORKER_TIMEOUT_S)
         ensure_workers(client, 1, timeout)
-        dashboard.install(client)
+        page = dashboard.install(client)
         link = dashboard_link(client, host)
         rate_page = f"  (correlations/s per worker: {link.removesuffix('/status')}/dtm)"
-        print(f"dashboard: {link}" + (rate_page if link else ""), file=out)
+        print(f"dashboard: {link}" + (rate_page if link and page else ""), file=out)
         yield client

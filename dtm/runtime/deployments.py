@@ -36,6 +36,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import dask.system
+
 from dtm.errors import ClusterError, ConfigError
 
 if TYPE_CHECKING:
@@ -50,21 +52,15 @@ _EXTRAS = {
 }
 
 
-def available_cpus() -> int:
-    """Number of CPU cores this process may run on (affinity mask, e.g. a Slurm allocation)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_local_workers() -> tuple[int, int]:
     """Default size of the embedded cluster: ``(n_workers, threads_per_worker)``.
 
     One single-threaded worker process per available core: the kernel's FFTs release the
-    GIL but processes avoid any contention in the pure-Python parts.
+    GIL but processes avoid any contention in the pure-Python parts. The cores are Dask's
+    count: the affinity mask (a Slurm allocation) and a cgroup CPU quota (Docker,
+    Kubernetes) both lower it.
     """
-    return available_cpus(), 1
+    return dask.system.CPU_COUNT, 1
 
 
 def setting(cluster: ClusterConfig | None, name: str, default: Any = None) -> Any:

@@ -1,7 +1,9 @@
 """A text progress bar for a search: tasks done, correlations/s and ETA.
 
-Progress is read from the scheduler's cumulative count of ``correlate`` tasks that reached
-memory, so it works the same for an embedded cluster and a remote one.
+The tasks done are the scheduler's cumulative count of ``correlate`` tasks that reached
+memory, so the bar works the same for an embedded cluster and a remote one. The
+correlations/s are the workers' counters of :mod:`dtm.runtime.throughput`, summed on the
+scheduler: the number the dashboard shows.
 """
 
 from __future__ import annotations
@@ -11,17 +13,23 @@ import threading
 import time
 from typing import Any, TextIO
 
+from dtm.runtime.throughput import cluster_rates
+
 
 def _correlate_done(dask_scheduler: Any) -> int:
     prefix = dask_scheduler.task_prefixes.get("correlate")
     return 0 if prefix is None else int(prefix.state_counts.get("memory", 0))
 
 
-def _snapshot(dask_scheduler: Any) -> tuple[int, int, int]:
-    """Correlate tasks done so far, workers connected, workers paused for memory."""
+def _snapshot(dask_scheduler: Any) -> tuple[int, int, int, float | None]:
+    """Correlate tasks done so far, workers connected, workers paused for memory, and the
+    cluster's correlations/s (None while no worker counts them)."""
     workers = list(dask_scheduler.workers.values())
     paused = sum(getattr(ws.status, "name", str(ws.status)) == "paused" for ws in workers)
-    return _correlate_done(dask_scheduler), len(workers), paused
+    rates = cluster_rates(dask_scheduler)
+    counted = rates["correlations_total"] > 0 or rates["correlations_per_second"] > 0
+    rate = float(rates["correlations_per_second"]) if counted else None
+    return _correlate_done(dask_scheduler), len(workers), paused, rate
 
 
 def format_duration(seconds: float) -> str:
@@ -42,7 +50,8 @@ class Progress:
     n_tasks : int
         Correlate tasks of this run.
     correlations_per_task : float
-        Average correlations per task (for the rate).
+        Average correlations per task: the rate while the workers count none (no counter
+        installed on them) is estimated from the tasks done.
     stream : file, optional
         Where to print (default: standard output). A terminal gets one line redrawn every
         ``interval`` seconds; a log gets a line every ``log_every`` seconds while tasks
@@ -83,9 +92,11 @@ class Progress:
         self._last_progress = time.monotonic()
         self._no_workers_since: float | None = None
         self._problem: str | None = None
+        #: The cluster's correlations/s at the last poll (None: the workers count none).
+        self.rate: float | None = None
 
     def __enter__(self) -> Progress:
-        self._baseline, workers, _ = self.client.run_on_scheduler(_snapshot)
+        self._baseline, workers, _, _ = self.client.run_on_scheduler(_snapshot)
         self._workers_changed(workers)  # the workers at the start: later losses count
         self._start = time.perf_counter()
         self._last_progress = time.monotonic()
@@ -110,7 +121,7 @@ class Progress:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                counted, workers, paused = self.client.run_on_scheduler(_snapshot)
+                counted, workers, paused, self.rate = self.client.run_on_scheduler(_snapshot)
             except Exception:  # the scheduler may be gone while we shut down
                 return
             counted -= self._baseline
@@ -184,7 +195,9 @@ class Progress:
 
     def _print(self, final: bool = False, event: bool = False) -> None:
         elapsed = time.perf_counter() - self._start
-        rate = self.done * self.correlations_per_task / elapsed if elapsed > 0 else 0.0
+        rate = self.rate
+        if rate is None:
+            rate = self.done * self.correlations_per_task / elapsed if elapsed > 0 else 0.0
         left = self.n_tasks - self.done
         eta = left * elapsed / self.done if self.done else float("nan")
         width = 30

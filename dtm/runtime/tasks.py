@@ -19,7 +19,7 @@ from dtm.io.atomic import write_atomic
 from dtm.io.mrc import read_micrograph, read_template
 from dtm.physics.projection import PreparedTemplate, prepare_template
 from dtm.physics.resample import fourier_crop
-from dtm.runtime.dashboard import count_correlations
+from dtm.runtime.throughput import count_correlations
 from dtm.search.kernel import correlate_chunk
 from dtm.search.prepare import FilterSettings, ImageInputs, Optics, prepare_image
 from dtm.search.space import SearchSpace

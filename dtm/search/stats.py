@@ -15,20 +15,10 @@ from typing import Any
 import numpy as np
 
 from dtm.backend import get_xp, to_numpy
+from dtm.schema import MAP_NAMES
 from dtm.search import fused
 from dtm.search.space import SearchSpace
 from dtm.search.table import TableCollector, TableRows
-
-MAP_NAMES = (
-    "mip",
-    "scaled_mip",
-    "correlation_mean",
-    "correlation_variance",
-    "phi",
-    "theta",
-    "psi",
-    "defocus",
-)
 
 
 @dataclass
