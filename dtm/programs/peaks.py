@@ -417,24 +417,10 @@ def peaks_dataframe(
 
 
 def read_peaks(results: str | os.PathLike[str]) -> tuple[pd.DataFrame, str]:
-    """The peak table of an output directory, and where it came from.
-
-    Reads ``peaks.csv`` (else ``peaks.parquet``) of the output directory; with neither,
-    picks peaks now from the maps with the default threshold (one false positive per
-    micrograph).
-
-    Parameters
-    ----------
-    results
-        Output directory or its ``results.zarr``: local path or fsspec URL.
-
-    Returns
-    -------
-    pandas.DataFrame
-        Columns of :data:`dtm.io.tables.PEAK_COLUMNS`, one row per peak.
-    str
-        The table's file name, or a note that the peaks were picked now.
-    """
+    """:func:`dtm.io.results.read_peak_table` of an output directory (local path or fsspec
+    URL); where it holds no table, the peaks picked now from its maps with the default
+    threshold (one false positive per micrograph), with a note saying so instead of a file
+    name."""
     found = read_peak_table(results)
     if found is not None:
         return found
