@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from dtm.physics.projection import extract_central_slices
+
 # The CUDA kernel: one thread per map position, looping over the batch of maps in order.
 _CUDA_SOURCE = r"""
 extern "C" __global__ void dtm_update_stats(
@@ -281,8 +283,6 @@ def central_slices(template: Any, rotations: Any) -> Any:
     array, shape (n, d, d // 2 + 1), complex64
         As :func:`dtm.physics.projection.extract_central_slices`.
     """
-    from dtm.physics.projection import extract_central_slices  # noqa: PLC0415 (no cycle)
-
     spectrum = template.spectrum
     slicer = numba_slicer() if isinstance(spectrum, np.ndarray) else None
     if slicer is None or spectrum.dtype != np.complex64 or not spectrum.flags.c_contiguous:
