@@ -310,6 +310,19 @@ def test_a_leopard_em_file_resolves_from_the_working_directory(tmp_path, monkeyp
     assert load_match_config(path).micrograph_path == run / "micrograph.mrc"
 
 
+def test_command_line_overrides_leave_a_leopard_em_file_leopard_em_s(tmp_path, monkeypatch) -> None:
+    """--output-dir and --cluster add dtm keys to the file's settings, not to the file."""
+    path = _copy("example_match_template_manager_example.yaml", tmp_path / "configs")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("dummy_micrograph.mrc", "dummy_template_volume.mrc"):
+        (run / name).write_bytes(b"")
+    monkeypatch.chdir(run)
+    config = load_match_config(path, {"output_dir": "results", "cluster.kind": "local"})
+    assert config.micrograph_path == run / "dummy_micrograph.mrc"
+    assert config.output_dir == run / "results"
+
+
 def test_a_leopard_em_file_beside_its_inputs_runs_from_anywhere(tmp_path, monkeypatch) -> None:
     path = _leopard_match(tmp_path / "project")
     _inputs(tmp_path / "project")
@@ -339,8 +352,8 @@ def test_leopard_em_keys_only_make_a_leopard_em_file_too(tmp_path, monkeypatch) 
     """Without leopard_em_version: every section Leopard-EM requires, no dtm key."""
     path = _copy("example_match_template_manager_example.yaml", tmp_path / "configs")
     run = tmp_path / "run"
+    run.mkdir()
     for name in ("dummy_micrograph.mrc", "dummy_template_volume.mrc"):
-        _inputs(run)
         (run / name).write_bytes(b"")
     monkeypatch.chdir(run)
     config = load_match_config(path)

@@ -306,8 +306,9 @@ def _load(
     wrong = other_program(data, program)
     if wrong is not None:
         raise ConfigError(f"{path}: {wrong}")
-    _apply_overrides(data, overrides)
+    # The file decides its rule, not the command line's additions (--output-dir, --cluster).
     base, notice = relative_base(data, path, program)
+    _apply_overrides(data, overrides)
     try:
         config = model.model_validate(data, context={"base_dir": base})
     except pydantic.ValidationError as err:
