@@ -34,14 +34,28 @@ _INTRO = """\
 pydantic models in `dtm.config` when the documentation is built, so it lists exactly the
 keys that the installed version accepts.
 
-- **Unknown keys are errors**, reported with the file, the dotted key and the value, e.g.
-  `config.yaml: optics_group.pixelsize: unknown key (got 1.06)`; `dtm` exits with status 2
-  and writes nothing.
+- **Unknown keys are errors**, reported with the file, the dotted key and the key it most
+  resembles, e.g. `config.yaml: optics_group.pixelsize: unknown key (did you mean
+  pixel_size?)`; `dtm` exits with status 2 and writes nothing. **Every problem of a file is
+  reported at once**: one line for one problem, else a line `config.yaml: 3 problems:` with
+  each problem on its own line below it.
 - **Relative paths** in the file are resolved against the directory of the file (relative
   paths given on the command line, such as `--output-dir`, against the current directory).
+  A **Leopard-EM file** resolves them as Leopard-EM does, from the working directory, so
+  that it runs in dtm from the folder it runs from in Leopard-EM. A file is Leopard-EM's
+  when it records `leopard_em_version` (Leopard-EM 1.3 writes it), or when it has every
+  top-level key Leopard-EM requires and no key that only dtm knows (such as `output_dir`,
+  `cluster` or `peaks`). If its input files (`micrograph_path`, `template_volume_path`,
+  `particle_stack.df_path`) are not all found from the working directory but are from the
+  file's folder, the file's folder is used instead. One folder serves every relative path of
+  a file, outputs included (the default `output_dir`, `dtm-out`, too), and where the working
+  directory is not the file's folder `dtm` prints which it used, e.g. `notice: relative
+  paths are resolved from the working directory /data/run1, as Leopard-EM does (match.yaml
+  is a Leopard-EM file: it records leopard_em_version '1.3.0')`.
 - Keys marked *Leopard-EM; unused* exist so that a Leopard-EM file loads unchanged; when they
-  are set to anything but their default, `dtm` prints a one-line `notice:` and ignores them
-  (see [For Leopard-EM and cisTEM users](leopard-cistem.md)).
+  are set to anything but their default, `dtm` prints a one-line notice and ignores them,
+  `notice: KEY: accepted, has no effect in dtm (REASON; got VALUE)` (see
+  [For Leopard-EM and cisTEM users](leopard-cistem.md)).
 - `null` in the *default* column means "not set"; the description says what happens then.
 - **The text is checked before the values**: a key given twice is an error naming both lines
   (`config.yaml: duplicate key 'output_dir' at lines 3 and 41; keep one`); YAML aliases

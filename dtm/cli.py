@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="refuse the run at the first bad micrograph (missing or unreadable) instead "
-        "of skipping it",
+        "of skipping it, and a header pixel size that differs from the configuration's",
     )
     _cluster_options(match)
     match.set_defaults(func=_match)

@@ -156,7 +156,8 @@ CASES: dict[str, tuple[Callable[[Path, dict, dict], str], list[str]]] = {
     "empty micrograph": (_constant, []),
     "template larger than micrograph": (_too_small, []),
     "non-cubic template": (_non_cubic, []),
-    "pixel size mismatch": (_pixel_mismatch, []),
+    # Without --strict, the configuration's pixel size is used (with a notice).
+    "pixel size mismatch": (_pixel_mismatch, ["--strict"]),
     "unknown key": (_setter("orientation_search_config.psi_stepp", 5.0, "psi_stepp"), []),
     "wrong type": (_setter("orientation_search_config.psi_step", "fast", "psi_step"), []),
     "negative step": (_setter("orientation_search_config.theta_step", -5.0, "theta_step"), []),

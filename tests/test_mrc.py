@@ -17,6 +17,7 @@ from dtm.io.mrc import (
     pixel_sizes_differ,
     read_micrograph,
     read_template,
+    summarise_notices,
     write_map,
 )
 
@@ -186,8 +187,8 @@ def _pair(tmp_path: Path, mic_pixel: float, tmpl_pixel: float, box: int = 8):
 
 def test_check_compatible_accepts_matching_files(tmp_path):
     micrograph, template = _pair(tmp_path, 1.5, 1.5005)  # 0.03 %: within tolerance
-    check_compatible(micrograph, template)
-    check_compatible(micrograph, template, pixel_size=1.501)
+    assert check_compatible(micrograph, template) == []
+    assert check_compatible(micrograph, template, pixel_size=1.501, strict=True) == []
 
 
 def test_template_larger_than_micrograph(tmp_path):
@@ -202,10 +203,48 @@ def test_pixel_size_mismatch_names_both_files_and_values(tmp_path):
         check_compatible(micrograph, template)
 
 
-def test_pixel_size_mismatch_with_configuration(tmp_path):
-    micrograph, template = _pair(tmp_path, 1.5, 1.5)
-    with pytest.raises(InputError, match=r"pixel_size.*1.06 Å.*mic.mrc.*1.5 Å"):
-        check_compatible(micrograph, template, pixel_size=1.06)
+@pytest.mark.parametrize("header", [1.0, 1.5])
+def test_a_header_pixel_size_that_differs_is_a_notice_and_refused_only_when_strict(
+    tmp_path, header
+):
+    """Headers left at 1.0 are common; Leopard-EM ignores them and so does dtm, saying so."""
+    micrograph, template = _pair(tmp_path, header, 1.06)
+    notices = check_compatible(micrograph, template, pixel_size=1.06)
+    assert notices == [
+        f"micrograph {micrograph.path}: header pixel size {header:g} Å differs from the "
+        "configuration's pixel_size 1.06 Å by more than 0.1 %; 1.06 Å is used (--strict "
+        "refuses it)"
+    ]
+    with pytest.raises(InputError, match=rf"pixel_size.*1.06 Å.*mic.mrc.*{header:g} Å.*--strict"):
+        check_compatible(micrograph, template, pixel_size=1.06, strict=True)
+
+
+def test_an_unset_header_pixel_size_is_a_notice_even_when_strict(tmp_path):
+    micrograph = read_micrograph(
+        _write(tmp_path / "mic.mrc", _image((24, 32)), 0.0), pixel_size=1.06
+    )
+    template = read_template(_write(tmp_path / "t.mrc", _image((8, 8, 8)), 0.0), pixel_size=1.06)
+    assert (micrograph.pixel_size, micrograph.header_pixel_size) == (1.06, None)
+    notices = check_compatible(micrograph, template, pixel_size=1.06, strict=True)
+    assert [line.split(":")[0] for line in notices] == [
+        f"micrograph {micrograph.path}",
+        f"template {template.path}",
+    ]
+    assert all(
+        "no pixel size (voxel size 0); the configuration's pixel_size 1.06 Å is used" in line
+        for line in notices
+    )
+    # Without any pixel size, neither in the header nor given, a file is still refused.
+    with pytest.raises(InputError, match="mic.mrc: the header has no pixel size"):
+        read_micrograph(micrograph.path)
+
+
+def test_many_notices_are_summarised():
+    lines = [f"micrograph m{i}.mrc: header unset" for i in range(25)] * 2
+    summary = summarise_notices(lines)
+    assert summary[:10] == lines[:10]
+    assert summary[10:] == ["... and 15 more files like these"]
+    assert summarise_notices(lines[:3] * 2) == lines[:3]
 
 
 def test_pixel_sizes_differ_beyond_a_tenth_of_a_percent_of_the_larger():

@@ -6,12 +6,16 @@ unchanged; unknown keys are errors. Leopard-EM settings that dtm does not use ar
 and, when set to a value other than their default, reported as one-line *notices* by the
 ``notices`` property of the loaded configuration (the command line prints them).
 
-Relative paths in a file are resolved against the directory of that file; relative paths in
+Relative paths in a file are resolved against the directory of that file, or for a
+Leopard-EM file as Leopard-EM does (:mod:`~dtm.config.paths`); relative paths in
 command-line overrides against the current directory. Every problem raises
-:class:`dtm.errors.ConfigError` with one line ``<file>: <dotted.field>: <problem> (got <value>)``.
+:class:`dtm.errors.ConfigError`: one line ``<file>: <dotted.field>: <problem> (got <value>)``,
+or for several problems of a file a summary with each problem on its own line below it.
 Field descriptions (attribute docstrings) feed ``model_json_schema`` and the docs.
 
-Modules: :mod:`~dtm.config.base` (base model, field types, messages, YAML loading),
+Modules: :mod:`~dtm.config.base` (base model, field types, YAML loading),
+:mod:`~dtm.config.messages` (validation messages), :mod:`~dtm.config.leopard` (Leopard-EM's
+programs and files), :mod:`~dtm.config.paths` (the base of relative paths),
 :mod:`~dtm.config.search` (optics, defocus, orientations), :mod:`~dtm.config.filters`,
 :mod:`~dtm.config.compute` (cluster, Leopard-EM compute resources),
 :mod:`~dtm.config.micrographs` (micrograph entries and tables), :mod:`~dtm.config.match`
@@ -34,6 +38,7 @@ from dtm.config.filters import (
     BandpassFilterConfig,
     PhaseRandomizationFilterConfig,
     PreprocessingFilters,
+    RandomFourierDropoutConfig,
     WhiteningFilterConfig,
 )
 from dtm.config.match import MatchConfig, MatchTemplateResult, PeaksConfig, load_match_config
@@ -81,6 +86,7 @@ __all__ = [
     "Positive",
     "PositiveInt",
     "PreprocessingFilters",
+    "RandomFourierDropoutConfig",
     "RefineConfig",
     "SecurityConfig",
     "WhiteningFilterConfig",

@@ -1,9 +1,9 @@
-"""Shared machinery of the configuration models: the base model, field types, one-line
-validation messages, YAML reading, command-line overrides and hashing."""
+"""Shared machinery of the configuration models: the base model, field types, YAML reading,
+loading (with :mod:`~dtm.config.messages`, :mod:`~dtm.config.leopard` and
+:mod:`~dtm.config.paths`), command-line overrides and hashing."""
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -19,31 +19,20 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
+from dtm.config.leopard import Program, other_program
+from dtm.config.messages import _ONE_GRID as _ONE_GRID  # re-exported for the sections
+from dtm.config.messages import _SEVERAL_GRIDS as _SEVERAL_GRIDS
+from dtm.config.messages import _Problem as _Problem
+from dtm.config.messages import _show as _show
+from dtm.config.messages import format_validation_error as format_validation_error
+from dtm.config.messages import join_problems, problem_lines
+from dtm.config.paths import relative_base
 from dtm.errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-_ONE_GRID, _SEVERAL_GRIDS = "one-grid", "several-grids"  # union tags, hidden from messages
-
-
-class _Problem(ValueError):
-    """A validation problem that names its own field (dotted, relative) and value."""
-
-    def __init__(self, message: str, field: str = "", value: Any = None) -> None:
-        super().__init__(message)
-        self.field = field
-        self.value = value
-
-
-def _show(value: Any) -> str:
-    """One-line rendering of a user value for messages; long values other than paths are
-    shortened."""
-    if isinstance(value, Path):
-        return str(value)
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -65,18 +54,42 @@ PositiveInt = Annotated[int, Field(gt=0)]
 NonNegative = Annotated[float, Field(ge=0)]
 
 
+#: Why a Leopard-EM setting has no effect, where its model gives no reason of its own.
+_UNUSED = "a Leopard-EM setting that dtm does not use"
+
+
 class _Model(BaseModel):
-    """Base of all sections: unknown keys are errors; ``leopard_unused`` lists the
-    Leopard-EM fields that dtm accepts but ignores (a notice when not at their default)."""
+    """Base of all sections: unknown keys are errors.
+
+    ``leopard_unused`` lists the Leopard-EM fields that dtm accepts but ignores (a notice
+    when not at their default), as names or as a mapping of name to the reason;
+    ``leopard_in_memory`` the fields where Leopard-EM's models hold data in memory
+    (tensors, tables), which a file can only set to null: such a null is dropped.
+    """
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
-    leopard_unused: ClassVar[tuple[str, ...]] = ()
+    leopard_unused: ClassVar[tuple[str, ...] | dict[str, str]] = ()
+    leopard_in_memory: ClassVar[frozenset[str]] = frozenset()
     _source_path: Path | None = PrivateAttr(None)
+    _load_notices: list[str] = PrivateAttr(default_factory=list)
 
     @property
     def source_path(self) -> Path | None:
         """The YAML file this configuration was loaded from (None if built in code)."""
         return self._source_path
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_in_memory(cls, data: Any) -> Any:
+        """Leopard-EM's in-memory fields given as null are no settings: drop them (any other
+        value stays, and is refused as not a setting)."""
+        if isinstance(data, dict) and cls.leopard_in_memory:
+            return {
+                key: value
+                for key, value in data.items()
+                if not (key in cls.leopard_in_memory and value is None)
+            }
+        return data
 
 
 def _notices(model: BaseModel, prefix: str = "") -> list[str]:
@@ -84,10 +97,12 @@ def _notices(model: BaseModel, prefix: str = "") -> list[str]:
     lines = []
     for name, field in type(model).model_fields.items():
         value, dotted = getattr(model, name), prefix + name
-        if name in getattr(model, "leopard_unused", ()):
+        unused = getattr(model, "leopard_unused", ())
+        if name in unused:
             if value != field.get_default(call_default_factory=True):
+                reason = unused.get(name, _UNUSED) if isinstance(unused, dict) else _UNUSED
                 lines.append(
-                    f"{dotted}: Leopard-EM setting not used by dtm, ignored (got {_show(value)})"
+                    f"{dotted}: accepted, has no effect in dtm ({reason}; got {_show(value)})"
                 )
         elif isinstance(value, BaseModel):
             lines += _notices(value, dotted + ".")
@@ -143,61 +158,6 @@ _MAP_FIELDS = {
 }
 
 
-_PLAIN_MESSAGES = {
-    "extra_forbidden": "unknown key",
-    "model_type": "expected a section (a mapping of settings)",
-    "model_attributes_type": "expected a section (a mapping of settings)",
-    "path_type": "expected a file path",
-}
-
-
-def _unknown_keys_first(problems: list[Any]) -> list[Any]:
-    """Unknown keys first, each with the missing key of its section it most resembles.
-
-    A misspelt required key gives two problems, the unknown key and the missing one; the
-    unknown key is the one that says what to fix (``pixel_sise: unknown key (did you mean
-    pixel_size?)``).
-    """
-    missing: dict[tuple[Any, ...], list[str]] = {}
-    for problem in problems:
-        if problem["type"] == "missing":
-            *parent, key = problem["loc"]
-            missing.setdefault(tuple(parent), []).append(str(key))
-    ordered = []
-    for problem in problems:
-        if problem["type"] == "extra_forbidden":
-            *parent, key = problem["loc"]
-            close = difflib.get_close_matches(str(key), missing.get(tuple(parent), []), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            problem = {**problem, "msg": "unknown key" + hint, "type": "unknown_key"}
-        ordered.append(problem)
-    return sorted(ordered, key=lambda problem: problem["type"] != "unknown_key")
-
-
-def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
-    """One line ``<source>: <dotted.field>: <problem> (got <value>)`` describing the first
-    problem of ``err`` (unknown keys first), with the number of further problems."""
-    lines = []
-    for problem in _unknown_keys_first(list(err.errors())):
-        loc = [str(part) for part in problem["loc"] if part not in (_ONE_GRID, _SEVERAL_GRIDS)]
-        cause = problem.get("ctx", {}).get("error")
-        message, value, show_value = problem["msg"], problem.get("input"), True
-        if isinstance(cause, _Problem):
-            loc += [part for part in cause.field.split(".") if part]
-            message, value, show_value = str(cause), cause.value, cause.value is not None
-        elif problem["type"] in _PLAIN_MESSAGES:
-            message = _PLAIN_MESSAGES[problem["type"]]
-        elif problem["type"] == "missing":
-            message, show_value = "required setting missing", False
-        elif problem["type"] == "unknown_key":
-            show_value = "did you mean" not in message
-        where = f"{source}: {'.'.join(loc)}: " if loc else f"{source}: "
-        got = f" (got {_show(value)})" if show_value else ""
-        lines.append(where + message.removeprefix("Value error, ") + got)
-    more = len(lines) - 1
-    return lines[0] + (f" [and {more} more problem{'s' * (more > 1)}]" if more else "")
-
-
 _PATH_KEYS = frozenset(
     {
         "micrograph_path",
@@ -207,6 +167,7 @@ _PATH_KEYS = frozenset(
         "output_path",
         "df_path",
         "correlation_table_path",
+        "hdf5_path",
         *_MAP_FIELDS.values(),
     }
 )
@@ -245,6 +206,15 @@ class _StrictLoader(yaml.SafeLoader):
                     )
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _python_tuple(loader: yaml.SafeLoader, node: Any) -> list[Any]:
+    """``!!python/tuple [...]``, which Leopard-EM's ``to_yaml`` writes for its tuples
+    (``extracted_box_size``): read as the plain sequence it holds."""
+    return list(loader.construct_sequence(node, deep=True))
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:python/tuple", _python_tuple)
 
 
 #: Characters refused in every string of a configuration: C0 and C1 control characters
@@ -325,20 +295,33 @@ def _apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> None:
         node[leaf] = value
 
 
-def _load(model: type[Any], path: str | Path, overrides: dict[str, Any] | None) -> Any:
+def _load(
+    model: type[Any], program: Program, path: str | Path, overrides: dict[str, Any] | None
+) -> Any:
+    """Read, check and validate a configuration file of ``program``; every problem of the
+    file in one :class:`ConfigError` (:func:`join_problems`)."""
     path, overrides = Path(path), overrides or {}
     data = _read_yaml(path)
     check_strings(overrides, "command line")
+    wrong = other_program(data, program)
+    if wrong is not None:
+        raise ConfigError(f"{path}: {wrong}")
+    # The file decides its rule, not the command line's additions (--output-dir, --cluster).
+    base, notice = relative_base(data, path, program)
     _apply_overrides(data, overrides)
     try:
-        config = model.model_validate(data, context={"base_dir": path.parent.absolute()})
-        config._source_path = path.absolute()
-        return config
+        config = model.model_validate(data, context={"base_dir": base})
     except pydantic.ValidationError as err:
-        line = format_validation_error(err, str(path)).removeprefix(f"{path}: ")
-        field = line.split(":")[0]
-        overridden = any(field == key or field.startswith(key + ".") for key in overrides)
-        raise ConfigError(f"{'command line' if overridden else path}: {line}") from None
+        lines = []
+        for field, line in problem_lines(err, model):
+            overridden = any(field == key or field.startswith(key + ".") for key in overrides)
+            lines.append(f"command line: {line}" if overridden else line)
+        if len(lines) == 1 and lines[0].startswith("command line: "):
+            raise ConfigError(lines[0]) from None
+        raise ConfigError(join_problems(str(path), lines)) from None
+    config._source_path = path.absolute()
+    config._load_notices = [notice] if notice else []
+    return config
 
 
 def validate_options(model: type[ModelT], data: dict[str, Any]) -> ModelT:

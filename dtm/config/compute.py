@@ -13,7 +13,7 @@ from dtm.config.base import InputFile, Positive, PositiveInt, _Model, _ordered, 
 class ComputationalConfig(_Model):
     """Leopard-EM compute resources: ``gpu_ids: cpu`` runs on CPUs, any other value on GPUs."""
 
-    leopard_unused = ("backend",)
+    leopard_unused = {"backend": "Leopard-EM's choice of GPU kernel; dtm has one per device"}
     gpu_ids: int | list[int] | str | list[str] = [0]
     """GPU index, list of indices, 'cuda:N' (or a list of them), 'all' or 'cpu'."""
     num_cpus: PositiveInt = 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
 from dtm.config.base import (
     NonNegative,
@@ -21,7 +21,7 @@ from dtm.search.prepare import FilterSettings
 class WhiteningFilterConfig(_Model):
     """Whitening by the micrograph's radially averaged power spectrum."""
 
-    leopard_unused = ("do_power_spectrum",)
+    leopard_unused = {"do_power_spectrum": "dtm always averages the power spectrum"}
     enabled: bool = True
     """Whiten the micrograph and every projection."""
     num_freq_bins: PositiveInt | None = None
@@ -81,7 +81,7 @@ class BandpassFilterConfig(_Model):
 class PhaseRandomizationFilterConfig(_Model):
     """Leopard-EM phase randomisation: not supported, must stay disabled."""
 
-    leopard_unused = ("cuton",)
+    leopard_unused = {"cuton": "phase randomisation is off"}
     enabled: bool = False
     """Must be false: not supported by dtm."""
     cuton: float | None = None
@@ -92,7 +92,10 @@ class PhaseRandomizationFilterConfig(_Model):
 class ArbitraryCurveFilterConfig(_Model):
     """Leopard-EM arbitrary-curve filter: not supported, must stay disabled."""
 
-    leopard_unused = ("frequencies", "amplitudes")
+    leopard_unused = {
+        "frequencies": "the arbitrary curve filter is off",
+        "amplitudes": "the arbitrary curve filter is off",
+    }
     enabled: bool = False
     """Must be false: not supported by dtm."""
     frequencies: list[float] | None = None
@@ -100,6 +103,21 @@ class ArbitraryCurveFilterConfig(_Model):
     amplitudes: list[float] | None = None
     """Curve amplitudes (Leopard-EM; unused)."""
     _check = _unsupported("the arbitrary curve filter")
+
+
+class RandomFourierDropoutConfig(_Model):
+    """Leopard-EM 1.3's random Fourier dropout: a fixed random set of the projections'
+    Fourier coefficients is set to zero in the search (not in the micrograph, not in
+    refinement). The set comes from ``seed`` and is the one Leopard-EM drops
+    (conventions.md#filters)."""
+
+    enabled: bool = False
+    """Drop the coefficients in the search."""
+    dropout_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    """Fraction of the coefficients dropped, each independently (0 to < 1)."""
+    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+    """Seed of the random choice (required, as in Leopard-EM): the same seed drops the same
+    coefficients in every run, in dtm and in Leopard-EM."""
 
 
 class PreprocessingFilters(_Model):
@@ -113,10 +131,18 @@ class PreprocessingFilters(_Model):
     """Leopard-EM phase randomisation (unsupported)."""
     arbitrary_curve_filter: ArbitraryCurveFilterConfig = ArbitraryCurveFilterConfig()
     """Leopard-EM arbitrary-curve filter (unsupported)."""
+    random_fourier_dropout: RandomFourierDropoutConfig = RandomFourierDropoutConfig(seed=0)
+    """Leopard-EM 1.3 random Fourier dropout of the projections (search only)."""
+    # False in refinement, which Leopard-EM runs without the dropout.
+    _apply_dropout: bool = PrivateAttr(True)
 
     def settings(self, pixel_size: float) -> FilterSettings:
-        """The search kernel's filter settings (band-pass cut-offs converted to Å)."""
+        """The search kernel's filter settings (band-pass cut-offs converted to Å; the
+        dropout only where it applies)."""
         low, high = (None, None)
+        dropout = self.random_fourier_dropout
+        if not self._apply_dropout:
+            dropout = RandomFourierDropoutConfig(seed=0)
         if self.bandpass_filter.enabled:
             low, high = self.bandpass_filter.cutoffs_angstrom(pixel_size)
         return FilterSettings(
@@ -126,4 +152,6 @@ class PreprocessingFilters(_Model):
             low_resolution=low,
             high_resolution=high,
             bandpass_falloff=self.bandpass_filter.falloff,
+            dropout_fraction=dropout.dropout_fraction if dropout.enabled else 0.0,
+            dropout_seed=dropout.seed,
         )

@@ -36,7 +36,28 @@ from dtm.errors import ConfigError
 class MatchTemplateResult(_Model):
     """Leopard-EM output paths: the maps are also written there, besides ``output_dir``."""
 
-    leopard_unused = ("total_defocus", "total_orientations", "total_projections")
+    leopard_unused = {
+        "total_defocus": "a count Leopard-EM records after a run",
+        "total_orientations": "a count Leopard-EM records after a run",
+        "total_projections": "a count Leopard-EM records after a run",
+        "hdf5_path": "dtm writes results.zarr and maps/*.mrc in output_dir, not Leopard-EM's "
+        "HDF5 results file",
+        "compress": "an option of Leopard-EM's HDF5 results file, which dtm does not write",
+    }
+    leopard_in_memory = frozenset(
+        {
+            "mip",
+            "scaled_mip",
+            "correlation_average",
+            "correlation_variance",
+            "orientation_psi",
+            "orientation_theta",
+            "orientation_phi",
+            "relative_defocus",
+            "match_template_peaks",
+            "correlation_table",
+        }
+    )
     allow_file_overwrite: bool = False
     """Replace existing files at these paths."""
     mip_path: OutputPath | None = None
@@ -58,12 +79,20 @@ class MatchTemplateResult(_Model):
     correlation_table_path: OutputPath | None = None
     """Also write the correlation table here, as one parquet file (Leopard-EM writes HDF5);
     turns the table on (see correlation_table)."""
-    total_defocus: int | None = None
-    """Written by older Leopard-EM versions after a run; ignored."""
-    total_orientations: int | None = None
-    """Written by older Leopard-EM versions after a run; ignored."""
-    total_projections: int | None = None
-    """Written by older Leopard-EM versions after a run; ignored."""
+    leopard_em_version: str | None = None
+    """The Leopard-EM version that wrote the file (Leopard-EM 1.3 records it); marks the file
+    as Leopard-EM's, whose relative paths are resolved as Leopard-EM does."""
+    hdf5_path: OutputPath | None = None
+    """Leopard-EM 1.3's single HDF5 results file, instead of the eight .mrc paths; not
+    written by dtm (its results are in output_dir)."""
+    compress: bool = True
+    """Compression of Leopard-EM's HDF5 results file (unused)."""
+    total_defocus: int = 0
+    """Written by Leopard-EM after a run; ignored."""
+    total_orientations: int = 0
+    """Written by Leopard-EM after a run; ignored."""
+    total_projections: int = 0
+    """Written by Leopard-EM after a run; ignored."""
 
     def map_paths(self) -> dict[str, Path]:
         """Map name (``mip``, ``scaled_mip``, ``correlation_mean``, ``correlation_variance``,
@@ -132,6 +161,8 @@ class PeaksConfig(_Model):
 
 class MatchConfig(_Model):
     """The ``dtm match`` configuration (a Leopard-EM ``match_template`` file also loads)."""
+
+    leopard_in_memory = frozenset({"micrograph", "template_volume"})
 
     micrograph_path: InputFile | None = None
     """One micrograph .mrc, with the CTF of optics_group (one of the three sources)."""
@@ -242,8 +273,16 @@ class MatchConfig(_Model):
 
     @property
     def notices(self) -> list[str]:
-        """One line per accepted but ignored setting (Leopard-EM keys that dtm does not use)."""
-        lines = _notices(self)
+        """One line per accepted but ignored setting (Leopard-EM keys that dtm does not use),
+        and where relative paths were resolved from when that was a choice."""
+        lines = [*self._load_notices, *_notices(self)]
+        result = self.match_template_result
+        table = None if result is None else result.correlation_table_path
+        if table is not None and table.suffix.lower() in (".h5", ".hdf5"):
+            lines.append(
+                "match_template_result.correlation_table_path: written as dtm's parquet "
+                f"correlation table, not the HDF5 file of Leopard-EM 1.3 (got {table})"
+            )
         if self.micrograph_path is None:
             for key in ("defocus_u", "defocus_v"):
                 value = getattr(self.optics_group, key)
@@ -261,7 +300,8 @@ def load_match_config(path: str | Path, overrides: dict[str, Any] | None = None)
     Parameters
     ----------
     path
-        The YAML file; relative paths inside are resolved against its directory.
+        The YAML file; relative paths inside are resolved against its directory (a
+        Leopard-EM file's: see :func:`dtm.config.paths.relative_base`).
     overrides
         Dotted keys from the command line, e.g. ``{"cluster.scheduler_address":
         "tcp://host:8786", "output_dir": "out"}``, replacing the file's values.
@@ -277,6 +317,6 @@ def load_match_config(path: str | Path, overrides: dict[str, Any] | None = None)
         One line naming the file (or ``command line``), the dotted field and the problem;
         also for a missing file, bad YAML and a bad micrograph table.
     """
-    config: MatchConfig = _load(MatchConfig, path, overrides)
+    config: MatchConfig = _load(MatchConfig, "match", path, overrides)
     config.micrograph_entries()  # read and check a micrograph table now, not mid-run
     return config

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dtm.config.base import (
     InputFile,
@@ -16,6 +16,8 @@ from dtm.config.base import (
     _Model,
     _no_cartesian,
     _notices,
+    _Problem,
+    _show,
     _unsupported,
 )
 from dtm.config.compute import ClusterConfig, ComputationalConfig
@@ -34,22 +36,80 @@ class DefocusRefinementConfig(DefocusSearchConfig):
     """Step between defocus values, Å."""
 
 
+_STACK_STATE = "Leopard-EM's record of how it processed its image stack in memory; dtm cuts "
+_STACK_STATE += "and filters the boxes itself"
+_HDF5_STACK = "an option of Leopard-EM's HDF5 particle stack, which dtm does not read"
+
+
 class ParticleStackConfig(_Model):
     """The particles to refine: a results table of ``dtm match``, and the box around each."""
 
-    leopard_unused = ("original_template_size",)
+    leopard_unused = {
+        "original_template_size": "dtm reads the template box from the template",
+        "global_whitening_applied": _STACK_STATE,
+        "local_whitening_applied": _STACK_STATE,
+        "global_normalization_applied": _STACK_STATE,
+        "local_normalization_applied": _STACK_STATE,
+        "hdf5_path": "dtm reads the particles from df_path",
+        "allow_file_overwrite": _HDF5_STACK,
+        "image_stack_stored": _HDF5_STACK,
+        "local_stats_stored": _HDF5_STACK,
+    }
+    leopard_in_memory = frozenset(
+        {
+            "image_stack",
+            "local_stats",
+            "local_stats_correlation_average",
+            "local_stats_correlation_variance",
+        }
+    )
     df_path: InputFile
     """Results table of dtm match (CSV, parquet or STAR)."""
     extracted_box_size: tuple[PositiveInt, PositiveInt]
     """Box (height, width) cut around each particle, pixels (template box + margin)."""
     original_template_size: tuple[int, int] | None = None
     """Template box, pixels (Leopard-EM; dtm reads it from the template)."""
+    leopard_em_version: str | None = None
+    """The Leopard-EM version that wrote the file (Leopard-EM 1.3 records it); marks the file
+    as Leopard-EM's, whose relative paths are resolved as Leopard-EM does."""
+    global_whitening_applied: bool = False
+    """Leopard-EM's record of its in-memory image stack (unused)."""
+    local_whitening_applied: bool = False
+    """Leopard-EM's record of its in-memory image stack (unused)."""
+    global_normalization_applied: bool = False
+    """Leopard-EM's record of its in-memory image stack (unused)."""
+    local_normalization_applied: bool = False
+    """Leopard-EM's record of its in-memory image stack (unused)."""
+    hdf5_path: str | None = None
+    """Leopard-EM 1.3's HDF5 particle stack, instead of df_path: not read by dtm (give
+    df_path, the particles' table)."""
+    allow_file_overwrite: bool = False
+    """Of Leopard-EM's HDF5 particle stack (unused)."""
+    image_stack_stored: bool = False
+    """Of Leopard-EM's HDF5 particle stack (unused)."""
+    local_stats_stored: bool = False
+    """Of Leopard-EM's HDF5 particle stack (unused)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_hdf5_stack(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("hdf5_path") and not data.get("df_path"):
+            raise _Problem(
+                "dtm does not read Leopard-EM's HDF5 particle stacks; give df_path, the "
+                "particles' CSV table",
+                "hdf5_path",
+                data["hdf5_path"],
+            )
+        return data
 
 
 class PixelSizeRefinementConfig(_Model):
     """Leopard-EM pixel-size refinement: not supported, must stay disabled."""
 
-    leopard_unused = ("pixel_size_min", "pixel_size_max", "pixel_size_step")
+    leopard_unused = dict.fromkeys(
+        ("pixel_size_min", "pixel_size_max", "pixel_size_step", "skip_enforce_zero"),
+        "pixel size refinement is off",
+    )
     enabled: bool = False
     """Must be false: not supported by dtm."""
     pixel_size_min: float = 0.0
@@ -58,6 +118,8 @@ class PixelSizeRefinementConfig(_Model):
     """Relative pixel size, Å (Leopard-EM; unused)."""
     pixel_size_step: float = 0.0
     """Pixel size step, Å (Leopard-EM; unused)."""
+    skip_enforce_zero: bool = False
+    """Do not insert the relative pixel size 0 (Leopard-EM; unused)."""
     _check = _unsupported("pixel size refinement")
 
 
@@ -91,12 +153,15 @@ class OrientationRefinementConfig(_Model):
 class MovieConfig(_Model):
     """Leopard-EM per-frame (movie) refinement: not supported, must stay disabled."""
 
-    leopard_unused = (
-        "movie_path",
-        "deformation_field_path",
-        "particle_shifts_path",
-        "pre_exposure",
-        "fluence_per_frame",
+    leopard_unused = dict.fromkeys(
+        (
+            "movie_path",
+            "deformation_field_path",
+            "particle_shifts_path",
+            "pre_exposure",
+            "fluence_per_frame",
+        ),
+        "movie refinement is off",
     )
     enabled: bool = False
     """Must be false: not supported by dtm."""
@@ -115,6 +180,8 @@ class MovieConfig(_Model):
 
 class RefineConfig(_Model):
     """The ``dtm refine`` configuration (a Leopard-EM ``refine_template`` file also loads)."""
+
+    leopard_in_memory = frozenset({"template_volume"})
 
     template_volume_path: InputFile
     """Template .mrc (the one of the search)."""
@@ -141,10 +208,25 @@ class RefineConfig(_Model):
     cluster: ClusterConfig = ClusterConfig()
     """Dask cluster."""
 
+    @model_validator(mode="after")
+    def _search_filters_only(self) -> RefineConfig:
+        # Leopard-EM drops Fourier coefficients of the projections in match_template only.
+        self.preprocessing_filters._apply_dropout = False
+        return self
+
     @property
     def notices(self) -> list[str]:
-        """One line per accepted but ignored setting (Leopard-EM keys that dtm does not use)."""
-        return _notices(self)
+        """One line per accepted but ignored setting (Leopard-EM keys that dtm does not use),
+        and where relative paths were resolved from when that was a choice."""
+        lines = [*self._load_notices, *_notices(self)]
+        dropout = self.preprocessing_filters.random_fourier_dropout
+        if dropout.enabled:
+            lines.append(
+                "preprocessing_filters.random_fourier_dropout: accepted, has no effect in dtm "
+                "refine (Leopard-EM applies it in match_template only; got "
+                f"{_show(dropout.model_dump())})"
+            )
+        return lines
 
 
 def load_refine_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RefineConfig:
@@ -152,5 +234,5 @@ def load_refine_config(path: str | Path, overrides: dict[str, Any] | None = None
 
     Parameters, returns and errors as :func:`load_match_config`.
     """
-    config: RefineConfig = _load(RefineConfig, path, overrides)
+    config: RefineConfig = _load(RefineConfig, "refine", path, overrides)
     return config

@@ -38,14 +38,17 @@ class MrcData:
     data
         float32 array, ``(H, W)`` for a micrograph, ``(d, d, d)`` ``[z, y, x]`` for a template.
     pixel_size
-        Pixel size in Å.
+        Pixel size in Å: the header's, else the one given to the reader.
     path
         The file it came from.
+    header_pixel_size
+        The header's pixel size in Å; None where the header has none (voxel size 0).
     """
 
     data: np.ndarray
     pixel_size: float
     path: Path
+    header_pixel_size: float | None = None
 
 
 def _read(path: str | os.PathLike[str], kind: str) -> tuple[np.ndarray, tuple[float, ...], Path]:
@@ -126,8 +129,9 @@ def _check_values(data: np.ndarray, kind: str, path: Path) -> np.ndarray:
 
 def _header_pixel_size(
     sizes: tuple[float, ...], fallback: float | None, kind: str, path: Path
-) -> float:
-    """The one pixel size of the header's axes (0 = unknown), or ``fallback`` if none is set."""
+) -> tuple[float, float | None]:
+    """The pixel size to use and the header's: the one pixel size of the header's axes
+    (0 = unknown), or ``fallback`` if none is set (then the header's is None)."""
     if not all(math.isfinite(size) and size >= 0 for size in sizes):
         raise InputError(f"{kind} {path}: invalid voxel size {sizes} Å in the header")
     known = [size for size in sizes if size > 0]
@@ -137,7 +141,7 @@ def _header_pixel_size(
                 f"{kind} {path}: voxel sizes differ between axes {tuple(sizes)} Å "
                 "(anisotropic pixels are not supported)"
             )
-        return known[0]
+        return known[0], known[0]
     if fallback is None:
         raise InputError(
             f"{kind} {path}: the header has no pixel size (voxel size 0); set it in the file "
@@ -145,7 +149,7 @@ def _header_pixel_size(
         )
     if not (math.isfinite(fallback) and fallback > 0):
         raise InputError(f"pixel_size: must be a positive number of Å, got {fallback}")
-    return float(fallback)
+    return float(fallback), None
 
 
 def read_micrograph(path: str | os.PathLike[str], *, pixel_size: float | None = None) -> MrcData:
@@ -178,7 +182,8 @@ def read_micrograph(path: str | os.PathLike[str], *, pixel_size: float | None = 
             f"micrograph {path}: expected a single 2-D image, got an array of shape {data.shape}"
         )
     values = _check_values(data, "micrograph", path)
-    return MrcData(values, _header_pixel_size(sizes[:2], pixel_size, "micrograph", path), path)
+    used, header = _header_pixel_size(sizes[:2], pixel_size, "micrograph", path)
+    return MrcData(values, used, path, header)
 
 
 def read_template(path: str | os.PathLike[str], *, pixel_size: float | None = None) -> MrcData:
@@ -207,7 +212,8 @@ def read_template(path: str | os.PathLike[str], *, pixel_size: float | None = No
             f"template {path}: expected a cubic 3-D volume (d, d, d), got shape {data.shape}"
         )
     values = _check_values(data, "template", path)
-    return MrcData(values, _header_pixel_size(sizes, pixel_size, "template", path), path)
+    used, header = _header_pixel_size(sizes, pixel_size, "template", path)
+    return MrcData(values, used, path, header)
 
 
 def pixel_sizes_differ(a: Any, b: Any) -> Any:
@@ -216,9 +222,46 @@ def pixel_sizes_differ(a: Any, b: Any) -> Any:
     return np.abs(a - b) > PIXEL_SIZE_TOLERANCE * np.maximum(np.abs(a), np.abs(b))
 
 
+def header_notice(item: MrcData, kind: str, pixel_size: float, strict: bool = False) -> str | None:
+    """A one-line notice where the header's pixel size of a file is unset or differs from
+    the configuration's by more than :data:`PIXEL_SIZE_TOLERANCE`; None where it agrees.
+
+    The configuration's pixel size is the one used (as in Leopard-EM, which ignores the
+    header): headers left at 0 or 1.0 are common.
+
+    Raises
+    ------
+    InputError
+        With ``strict``, where the header has a pixel size that differs.
+    """
+    header = item.header_pixel_size
+    if header is None:
+        return (
+            f"{kind} {item.path}: the header has no pixel size (voxel size 0); the "
+            f"configuration's pixel_size {pixel_size:g} Å is used"
+        )
+    if not pixel_sizes_differ(header, pixel_size):
+        return None
+    if strict:
+        raise InputError(
+            f"pixel_size: configuration says {pixel_size:g} Å but {kind} {item.path} has "
+            f"{header:g} Å in its header (tolerance 0.1 %; refused with --strict); fix one "
+            "of them"
+        )
+    return (
+        f"{kind} {item.path}: header pixel size {header:g} Å differs from the "
+        f"configuration's pixel_size {pixel_size:g} Å by more than 0.1 %; {pixel_size:g} Å "
+        "is used (--strict refuses it)"
+    )
+
+
 def check_compatible(
-    micrograph: MrcData, template: MrcData, *, pixel_size: float | None = None
-) -> None:
+    micrograph: MrcData,
+    template: MrcData,
+    *,
+    pixel_size: float | None = None,
+    strict: bool = False,
+) -> list[str]:
     """Check that a template can be searched in a micrograph.
 
     Parameters
@@ -226,13 +269,23 @@ def check_compatible(
     micrograph, template
         As returned by :func:`read_micrograph` and :func:`read_template`.
     pixel_size
-        The configuration's pixel size in Å, if any; both files must agree with it.
+        The configuration's pixel size in Å, if any: it is used, whatever the headers say
+        (a header that is unset or differs gives a notice, see :func:`header_notice`).
+        Without it, the two files' pixel sizes must agree.
+    strict
+        Refuse a header pixel size that differs from ``pixel_size``.
+
+    Returns
+    -------
+    list of str
+        One-line notices, one per file whose header pixel size is unset or differs.
 
     Raises
     ------
     InputError
-        The template box is larger than the micrograph, or pixel sizes differ by more than
-        0.1 % (between the files, or from ``pixel_size``).
+        The template box is larger than the micrograph; without ``pixel_size``, the files'
+        pixel sizes differ by more than 0.1 %; with ``strict``, a header differs from
+        ``pixel_size``.
     """
     box = template.data.shape[-1]
     height, width = micrograph.data.shape
@@ -241,19 +294,30 @@ def check_compatible(
             f"template {template.path}: box {box} px is larger than micrograph "
             f"{micrograph.path} ({height} x {width} px)"
         )
-    if pixel_sizes_differ(micrograph.pixel_size, template.pixel_size):
-        raise InputError(
-            f"pixel sizes differ: micrograph {micrograph.path} has {micrograph.pixel_size:g} Å, "
-            f"template {template.path} has {template.pixel_size:g} Å (tolerance 0.1 %)"
-        )
     if pixel_size is None:
-        return
-    for kind, item in (("micrograph", micrograph), ("template", template)):
-        if pixel_sizes_differ(item.pixel_size, pixel_size):
+        if pixel_sizes_differ(micrograph.pixel_size, template.pixel_size):
             raise InputError(
-                f"pixel_size: configuration says {pixel_size:g} Å but {kind} {item.path} "
-                f"has {item.pixel_size:g} Å in its header (tolerance 0.1 %); fix one of them"
+                f"pixel sizes differ: micrograph {micrograph.path} has "
+                f"{micrograph.pixel_size:g} Å, template {template.path} has "
+                f"{template.pixel_size:g} Å (tolerance 0.1 %)"
             )
+        return []
+    notices = [
+        header_notice(item, kind, pixel_size, strict)
+        for kind, item in (("micrograph", micrograph), ("template", template))
+    ]
+    return [line for line in notices if line is not None]
+
+
+def summarise_notices(lines: list[str], limit: int = 10) -> list[str]:
+    """``lines`` without repeats, at most ``limit`` of them, then one line counting the
+    rest (a thousand micrographs with unset headers make one screen, not a thousand
+    lines)."""
+    unique = list(dict.fromkeys(lines))
+    if len(unique) <= limit:
+        return unique
+    rest = len(unique) - limit
+    return [*unique[:limit], f"... and {rest} more file{'s' * (rest > 1)} like these"]
 
 
 def write_map(

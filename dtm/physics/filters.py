@@ -228,3 +228,44 @@ def bandpass_filter(
         low_pass = (radius <= k_high) if width == 0 else _cosine_step((k_high - radius) / width, xp)
         filt = filt * low_pass
     return filt.astype(xp.float32)
+
+
+def fourier_dropout_mask(
+    shape: tuple[int, int], fraction: float, seed: int, xp: ModuleType = np
+) -> Any:
+    """Leopard-EM's random Fourier dropout mask on the rfft grid of ``shape``.
+
+    Each coefficient is kept (1) when a uniform draw exceeds ``fraction`` and dropped (0)
+    otherwise. The draws are those of ``torch.rand`` on the CPU after
+    ``torch.Generator().manual_seed(seed)``, which Leopard-EM 1.3 uses
+    (``RandomFourierDropoutConfig.calculate_dropout_mask``): a Mersenne Twister (MT19937)
+    seeded with the seed's low 32 bits, one 32-bit output per coefficient in row-major
+    order, of which the low 24 bits make a float32 in [0, 1). So the same seed drops the
+    same coefficients as Leopard-EM, bit for bit, without torch.
+
+    Parameters
+    ----------
+    shape : (int, int)
+        ``(ny, nx)`` of the real-space projection; the mask is ``(ny, nx // 2 + 1)``.
+    fraction : float
+        Probability that a coefficient is dropped, 0 to < 1.
+    seed : int
+        Leopard-EM's ``random_fourier_dropout.seed`` (-2⁶³ to 2⁶⁴ - 1).
+    xp : module
+        Array module of the result (numpy or cupy).
+
+    Returns
+    -------
+    array
+        ``(ny, nx // 2 + 1)`` float32 of 0 and 1.
+    """
+    ny, nx = _check_shape(shape)
+    # RandomState seeds its MT19937 as torch's CPU generator does (init_genrand).
+    state: Any = np.random.RandomState(int(seed) & 0xFFFFFFFF).get_state(legacy=False)
+    generator = np.random.MT19937()
+    generator.state = state
+    raw = generator.random_raw(ny * (nx // 2 + 1)).astype(np.uint32)
+    draws = (raw & np.uint32(0xFFFFFF)).astype(np.float32) * np.float32(2.0**-24)
+    # torch compares a float32 tensor with a Python float in float32.
+    mask = (draws > np.float32(fraction)).astype(np.float32).reshape(ny, nx // 2 + 1)
+    return xp.asarray(mask)

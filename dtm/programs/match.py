@@ -158,7 +158,7 @@ def run_match(
     t0 = time.perf_counter()
     output_dir = Path(config.output_dir)
     check_search_size(config, len(config.micrograph_entries()))
-    template = read_template(config.template_volume_path)
+    template = read_template(config.template_volume_path, pixel_size=config.optics_group.pixel_size)
     plans = validate_micrographs(config, template, strict, out)
     valid = [p for p in plans if p.status != "failed"]
     if not valid:

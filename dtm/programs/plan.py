@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import dtm
 from dtm.config import MatchConfig, MicrographEntry, config_to_dict
 from dtm.errors import ConfigError, DtmError, OutputError
-from dtm.io.mrc import MrcData, check_compatible, read_micrograph
+from dtm.io.mrc import MrcData, check_compatible, read_micrograph, summarise_notices
 from dtm.io.rundir import file_digest
 from dtm.physics.resample import cropped_size
 from dtm.schema import OPTICS_FIELDS
@@ -253,12 +253,13 @@ def validate_micrographs(
 ) -> list[MicrographPlan]:
     """Read and check every micrograph; a bad one fails the run or is skipped."""
     entries = config.micrograph_entries()
-    plans = []
+    plans, notices = [], []
+    pixel_size = config.optics_group.pixel_size
     for entry in entries:
         plan = MicrographPlan(entry, micrograph_optics(config, entry))
         try:
-            micrograph = read_micrograph(entry.micrograph_path)
-            check_compatible(micrograph, template, pixel_size=config.optics_group.pixel_size)
+            micrograph = read_micrograph(entry.micrograph_path, pixel_size=pixel_size)
+            notices += check_compatible(micrograph, template, pixel_size=pixel_size, strict=strict)
             plan.image_shape = (int(micrograph.data.shape[0]), int(micrograph.data.shape[1]))
             # Only a file that was read whole is hashed (from the page cache, just read); an
             # unreadable one has none, so that once fixed it counts as changed.
@@ -269,6 +270,8 @@ def validate_micrographs(
             plan.status, plan.error = "failed", str(exc)
             print(f"skipped: {exc}", file=out)
         plans.append(plan)
+    for line in summarise_notices(notices):
+        print(f"notice: {line}", file=out)
     return plans
 
 

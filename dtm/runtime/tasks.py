@@ -41,7 +41,7 @@ class MicrographTask:
     mode: str
     #: Fourier-crop the micrograph to this pixel size (Å) first (``high_resolution_limit``).
     crop_pixel_size: float | None = None
-    #: Pixel size of the configuration, used where the MRC header has none.
+    #: Pixel size of the configuration, used whatever the MRC header says.
     fallback_pixel_size: float | None = None
 
 
@@ -80,12 +80,14 @@ def load_template(
 ) -> PreparedTemplate:
     """Read the template (Fourier-cropped to ``crop_pixel_size``) and prepare it for slicing.
 
-    ``pixel_size`` is used only where the file's header has none.
+    ``pixel_size`` is the configuration's, used whatever the header says (a header that
+    differs was noted when the run was planned); without it, the header's.
     """
     template = read_template(path, pixel_size=pixel_size)
     volume = template.data
     if crop_pixel_size is not None:
-        volume, _ = fourier_crop(volume, template.pixel_size, new_pixel_size=crop_pixel_size)
+        original = pixel_size or template.pixel_size
+        volume, _ = fourier_crop(volume, original, new_pixel_size=crop_pixel_size)
     return prepare_template(volume)
 
 
@@ -94,7 +96,8 @@ def load_micrograph(task: MicrographTask, relative_defocus: np.ndarray) -> Image
     micrograph = read_micrograph(task.path, pixel_size=task.fallback_pixel_size)
     data = micrograph.data
     if task.crop_pixel_size is not None:
-        data, _ = fourier_crop(data, micrograph.pixel_size, new_pixel_size=task.crop_pixel_size)
+        original = task.fallback_pixel_size or micrograph.pixel_size  # the configuration's
+        data, _ = fourier_crop(data, original, new_pixel_size=task.crop_pixel_size)
     return prepare_image(
         data,
         box_shape=task.box_shape,

@@ -18,7 +18,12 @@ import scipy.fft
 
 from dtm.backend import get_fft, get_xp
 from dtm.physics.ctf import ctf_2d
-from dtm.physics.filters import bandpass_filter, radial_power_spectrum, whitening_filter
+from dtm.physics.filters import (
+    bandpass_filter,
+    fourier_dropout_mask,
+    radial_power_spectrum,
+    whitening_filter,
+)
 
 CorrelationMode = Literal["valid", "same"]
 
@@ -62,7 +67,8 @@ class Optics:
 
 @dataclass(frozen=True)
 class FilterSettings:
-    """Whitening and band-pass applied to micrograph and projections alike."""
+    """Whitening and band-pass applied to micrograph and projections alike; Fourier dropout
+    applied to the projections only."""
 
     whitening: bool = True
     whitening_max_freq: float = 0.5  # cycles/pixel
@@ -70,6 +76,8 @@ class FilterSettings:
     low_resolution: float | None = None  # Å, band-pass low cut-off
     high_resolution: float | None = None  # Å, band-pass high cut-off
     bandpass_falloff: float | None = None  # cycles/pixel
+    dropout_fraction: float = 0.0  # Leopard-EM's random Fourier dropout (0: none)
+    dropout_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,11 +204,14 @@ def projection_filters(
     profile: tuple[np.ndarray, np.ndarray] | None,
     xp: Any = np,
 ) -> Any:
-    """``(n_defocus, h, w // 2 + 1)`` float32: CTF × whitening × band-pass of every defocus
-    plane on the projections' rfft grid, zero at the origin; ``profile`` as returned by
-    :func:`filter_micrograph`."""
+    """``(n_defocus, h, w // 2 + 1)`` float32: CTF × whitening × band-pass (× Fourier
+    dropout mask) of every defocus plane on the projections' rfft grid, zero at the origin;
+    ``profile`` as returned by :func:`filter_micrograph`."""
     ctf = optics.ctf(box_shape, relative_defocus, xp=xp)
     whitening_bandpass = image_filter(box_shape, filters, optics.pixel_size, profile, xp)
+    if filters.dropout_fraction > 0:
+        mask = fourier_dropout_mask(box_shape, filters.dropout_fraction, filters.dropout_seed, xp)
+        whitening_bandpass = whitening_bandpass * mask
     stack = (ctf * whitening_bandpass[None]).astype(np.float32)
     stack[:, 0, 0] = 0
     return stack
