@@ -37,6 +37,7 @@ import numpy as np
 from dtm.config.filters import PreprocessingFilters
 from dtm.errors import DtmError
 from dtm.io.mrc import read_micrograph
+from dtm.physics.aberrations import magnified_rotations
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.resample import fourier_crop
 from dtm.physics.rotations import euler_to_matrix
@@ -67,7 +68,10 @@ class SearchModel:
             stack = projection_filters(
                 box, self.optics, np.array([value]), self.filters, self.profile
             )
-            rotations = euler_to_matrix(np.asarray(euler, dtype=np.float64)[rows])
+            rotations = magnified_rotations(
+                euler_to_matrix(np.asarray(euler, dtype=np.float64)[rows]),
+                self.optics.slice_transform(),
+            )
             out[rows] = filtered_projections(self.template, rotations, stack, self.image_shape)[
                 :, 0
             ]

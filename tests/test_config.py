@@ -153,12 +153,11 @@ def test_full_leopard_refine_template_file_loads_unchanged(tmp_path: Path) -> No
 
 def test_unused_leopard_setting_gives_a_notice_not_an_error(tmp_path: Path) -> None:
     data = _minimal()
-    data["optics_group"].update(chromatic_aberration=2.1, mag_matrix=[1.0, 0.0, 0.0, 1.0])
+    data["optics_group"].update(chromatic_aberration=2.1, beam_tilt_x=0.5)
     config = load_match_config(_write_config(tmp_path, data))
     assert config.notices == [
         "optics_group.chromatic_aberration: Leopard-EM setting not used by dtm, ignored (got 2.1)",
-        "optics_group.mag_matrix: Leopard-EM setting not used by dtm, ignored "
-        "(got [1.0, 0.0, 0.0, 1.0])",
+        "optics_group.beam_tilt_x: Leopard-EM setting not used by dtm, ignored (got 0.5)",
     ]
 
 

@@ -1,0 +1,1 @@
+"""The programs of dtm: one module (or package) per command."""
