@@ -89,6 +89,9 @@ RESULT_MAP_FIELDS = {
 #: (the statistics are float32: a true relation holds to ~1e-6).
 _EVIDENCE = 1e-3
 
+#: Positions a decision looks at, at most.
+_SAMPLE = 100_000
+
 _PANDAS_INDEX = re.compile(r"^Unnamed: \d+$")
 
 
@@ -100,7 +103,8 @@ def holds_std(
     Parameters
     ----------
     mip, scaled_mip, mean, statistic
-        Values at the same positions (any shape, NaN ignored): a table's columns or maps.
+        Values at the same positions (any shape, NaN ignored): a table's columns or maps
+        (judged at most at :data:`_SAMPLE` evenly spaced positions).
 
     Returns
     -------
@@ -109,8 +113,9 @@ def holds_std(
         median) better than ``(mip - mean) / sqrt(statistic)``; False otherwise, and when
         nothing can tell (no usable value).
     """
-    values = [np.asarray(a, dtype=np.float64).ravel() for a in (mip, scaled_mip, mean, statistic)]
-    mip_, scaled, mean_, stat = values
+    flat = [np.asarray(a).ravel() for a in (mip, scaled_mip, mean, statistic)]
+    step = max(1, flat[0].size // _SAMPLE)  # a whole K3 map would take gigabytes in float64
+    mip_, scaled, mean_, stat = (np.asarray(a[::step], dtype=np.float64) for a in flat)
     usable = np.isfinite(mip_ + scaled + mean_ + stat) & (stat > 0) & (np.abs(scaled) > 1e-6)
     if not usable.any():
         return False
