@@ -1,4 +1,5 @@
-"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``, ``report``, ``browse``.
+"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``, ``report``, ``browse``,
+``import-leopard``.
 
 User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2. A
 ``dtm match`` run says in one or two lines what stopped it, what it saved and the command
@@ -218,6 +219,12 @@ def _refine(args: argparse.Namespace) -> None:
     )
 
 
+def _import_leopard(args: argparse.Namespace) -> None:
+    from dtm.programs.import_leopard import import_leopard
+
+    import_leopard(args.sources, args.output_dir, overwrite=args.overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``dtm`` command."""
     parser = argparse.ArgumentParser(
@@ -334,6 +341,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cluster_options(refine, device=False)
     refine.set_defaults(func=_refine)
+
+    leopard = sub.add_parser(
+        "import-leopard",
+        help="make a dtm output directory of Leopard-EM's maps and table",
+        description="Read Leopard-EM's eight match_template maps (named by its results "
+        "tables or configurations) into OUTPUT_DIR/results.zarr and OUTPUT_DIR/maps/, its "
+        "standard-deviation map squared into dtm's variance; then dtm peaks, report, browse "
+        "and refine work on OUTPUT_DIR (see docs/leopard-cistem.md).",
+    )
+    leopard.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="Leopard-EM results table (.csv) or match_template configuration (.yaml)",
+    )
+    leopard.add_argument("--output-dir", required=True, help="the dtm output directory to write")
+    leopard.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace results in OUTPUT_DIR (removes only the outputs its job.json records)",
+    )
+    leopard.set_defaults(func=_import_leopard)
     return parser
 
 

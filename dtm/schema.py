@@ -46,6 +46,9 @@ OPTICS_FIELDS = (
     "phase_shift",
     "ctf_B_factor",
 )
+#: Leopard-EM's optional CTF terms, beside the optics fields in tables and attributes
+#: (:mod:`dtm.physics.aberrations`).
+ABERRATION_FIELDS = ("even_zernikes", "odd_zernikes", "mag_matrix")
 
 # The files and folders of an output directory of ``dtm match``.
 #: The results store: the dataset at its root (one micrograph) or one group per micrograph.

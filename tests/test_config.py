@@ -156,12 +156,12 @@ def test_full_leopard_refine_template_file_loads_unchanged(tmp_path: Path, monke
 
 def test_unused_leopard_setting_gives_a_notice_not_an_error(tmp_path: Path) -> None:
     data = _minimal()
-    data["optics_group"].update(chromatic_aberration=2.1, mag_matrix=[1.0, 0.0, 0.0, 1.0])
+    data["optics_group"].update(chromatic_aberration=2.1, beam_tilt_x=0.5)
     config = load_match_config(_write_config(tmp_path, data))
     unused = "accepted, has no effect in dtm (a Leopard-EM setting that dtm does not use; got"
     assert config.notices == [
         f"optics_group.chromatic_aberration: {unused} 2.1)",
-        f"optics_group.mag_matrix: {unused} [1.0, 0.0, 0.0, 1.0])",
+        f"optics_group.beam_tilt_x: {unused} 0.5)",
     ]
 
 

@@ -167,6 +167,10 @@ def test_columns_and_dtypes_are_the_seeds():
         "micrograph_pixel_size",
         "detection_z",
         "neg_log_pvalue",
+        "refined_pixel_size",
+        "even_zernikes",
+        "odd_zernikes",
+        "mag_matrix",
     ]
     table = peaks_table(make_results("m1", {(10, 12): 30.0, (50, 40): 25.0}))
     assert list(table.columns) == PEAK_COLUMNS

@@ -7,7 +7,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from dtm.config.base import (
     _ONE_GRID,
@@ -19,6 +19,8 @@ from dtm.config.base import (
     _ordered,
     _Problem,
 )
+from dtm.errors import ConfigError
+from dtm.physics.aberrations import as_mag_matrix, as_zernikes
 from dtm.physics.orientations import orientation_grid, symmetry_ranges
 
 _SYMMETRY = re.compile(r"^(?:[CD][1-9]\d*|[TOI])$", re.IGNORECASE)
@@ -33,9 +35,6 @@ class OpticsGroup(_Model):
         "mtf_values",
         "beam_tilt_x",
         "beam_tilt_y",
-        "odd_zernikes",
-        "even_zernikes",
-        "mag_matrix",
         "zernike_moments",
         "odd_zernike",
         "even_zernike",
@@ -72,17 +71,32 @@ class OpticsGroup(_Model):
     beam_tilt_y: float | None = None
     """Beam tilt y, mrad (Leopard-EM; unused)."""
     odd_zernikes: dict[str, float] | None = None
-    """Odd Zernike coefficients (Leopard-EM; unused)."""
+    """Odd Zernike coefficients of the CTF, radians per Å⁻ⁿ: Z31c, Z31s (axial coma, beam
+    tilt), Z33c, Z33s (trefoil); makes the CTF complex (Leopard-EM's meaning)."""
     even_zernikes: dict[str, float] | None = None
-    """Even Zernike coefficients (Leopard-EM; unused)."""
+    """Even Zernike coefficients of the CTF's phase, radians per Å⁻ⁿ: Z42c, Z42s, Z44c,
+    Z44s, Z60 (Leopard-EM's meaning)."""
     mag_matrix: list[float] | None = None
-    """Anisotropic magnification matrix, 4 floats (Leopard-EM; unused)."""
+    """Anisotropic magnification: the real-space matrix [[a0, a1], [a2, a3]] on (y, x) as
+    four numbers [a0, a1, a2, a3]; CTF and projections at (A⁻¹)ᵀ k (Leopard-EM's meaning)."""
     zernike_moments: Any = None
     """Zernike aberration moments (older Leopard-EM files; unused)."""
     odd_zernike: Any = None
     """Odd Zernike coefficients (older Leopard-EM files; unused)."""
     even_zernike: Any = None
     """Even Zernike coefficients (older Leopard-EM files; unused)."""
+
+    @field_validator("odd_zernikes", "even_zernikes", "mag_matrix")
+    @classmethod
+    def _aberration(cls, value: Any, info: ValidationInfo) -> Any:
+        try:
+            if info.field_name == "mag_matrix":
+                as_mag_matrix(value)
+            else:
+                as_zernikes(value, kind=str(info.field_name).split("_")[0])
+        except ConfigError as error:  # "field: problem" → the problem (pydantic names it)
+            raise ValueError(str(error).split(": ", 1)[-1]) from None
+        return value
 
 
 class DefocusSearchConfig(_Model):

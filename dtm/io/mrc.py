@@ -216,6 +216,45 @@ def read_template(path: str | os.PathLike[str], *, pixel_size: float | None = No
     return MrcData(values, used, path, header)
 
 
+def read_statistics_map(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read one 2-D statistics map (a MIP, an angle map ...) as float32.
+
+    Unlike :func:`read_micrograph` a constant map (one defocus plane) is fine, and the
+    header's pixel size is not looked at (Leopard-EM writes none).
+
+    Raises
+    ------
+    InputError
+        Missing, unreadable or corrupt file, complex mode, not a single 2-D image.
+    """
+    data, _, path = _read(path, "map")
+    if data.ndim == 3 and data.shape[0] == 1:
+        data = data[0]
+    if data.ndim != 2:
+        raise InputError(f"map {path}: expected a single 2-D image, got shape {data.shape}")
+    return np.asarray(data, dtype=np.float32)
+
+
+def read_shape(path: str | os.PathLike[str], kind: str) -> tuple[int, ...]:
+    """``(ny, nx)`` of a 2-D file or ``(nz, ny, nx)`` of a volume, from its header alone.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file (``kind`` names it in the message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{kind} {path}: file not found")
+    try:
+        with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+            shape = (int(mrc.header.nz), int(mrc.header.ny), int(mrc.header.nx))
+    except (ValueError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(f"{kind} {path}: not a readable MRC file ({reason})") from None
+    return shape[1:] if shape[0] == 1 else shape
+
+
 def pixel_sizes_differ(a: Any, b: Any) -> Any:
     """Whether two pixel sizes (floats or arrays, Å) differ by more than
     :data:`PIXEL_SIZE_TOLERANCE` of the larger."""

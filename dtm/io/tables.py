@@ -4,10 +4,12 @@ The columns are those the users asked for (``docs/outputs.md``, "The peak table"
 followed by ``micrograph_name``, ``particle_index``, ``micrograph_pixel_size`` (the
 micrograph file's pixel size: ``pixel_size`` and the positions are at the cropped sampling
 of a search with ``high_resolution_limit``), ``detection_z`` (the detection statistic,
-:mod:`dtm.search.detection`) and ``neg_log_pvalue`` (−ln p of
-:func:`dtm.search.metrics.pvalue_map`); :data:`PEAK_DTYPES` gives their types (ints
-``int64``, floats ``float64``, text the pandas string type). Extra columns (e.g. the
-``refined_*`` columns of refine-template) are carried through unchanged.
+:mod:`dtm.search.detection`), ``neg_log_pvalue`` (−ln p of
+:func:`dtm.search.metrics.pvalue_map`) and the columns Leopard-EM's ``ParticleStack`` also
+requires (:data:`LEOPARD_DTYPES`: so that its refine, optimize and constrained-search programs
+read dtm's tables unchanged); :data:`PEAK_DTYPES` gives their types (ints ``int64``, floats
+``float64``, text the pandas string type). Extra columns (e.g. the ``refined_*`` columns of
+refine-template) are carried through unchanged.
 
 STAR export (:func:`to_star`) follows RELION's conventions:
 
@@ -50,6 +52,7 @@ import starfile
 
 from dtm.errors import InputError, OutputError
 from dtm.io.atomic import check_inside, flush_to_disk, move_into_place, temporary_name
+from dtm.io.leopard import drop_pandas_index, variance_column
 
 _FLOAT = "float64"
 _INT = "int64"
@@ -93,6 +96,16 @@ SEED_DTYPES: dict[str, str] = {
     "correlation_variance_path": _STR,
 }
 
+#: The columns that Leopard-EM's ``ParticleStack`` requires besides the seed's, with its
+#: meanings: the pixel size the search used, and the CTF's aberrations and magnification
+#: as compact JSON text (empty: none; ``dtm.physics.aberrations``).
+LEOPARD_DTYPES: dict[str, str] = {
+    "refined_pixel_size": _FLOAT,
+    "even_zernikes": _STR,
+    "odd_zernikes": _STR,
+    "mag_matrix": _STR,
+}
+
 #: All columns of a dtm peak table → dtype: the seed's, then the micrograph and particle ids.
 PEAK_DTYPES: dict[str, str] = {
     **SEED_DTYPES,
@@ -101,6 +114,7 @@ PEAK_DTYPES: dict[str, str] = {
     "micrograph_pixel_size": _FLOAT,
     "detection_z": _FLOAT,
     "neg_log_pvalue": _FLOAT,
+    **LEOPARD_DTYPES,
 }
 
 #: The ordered columns of a dtm peak table.
@@ -328,7 +342,11 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
     pandas.DataFrame
         Columns in :data:`PEAK_COLUMNS` order with :data:`PEAK_DTYPES`, extra columns after.
         ``micrograph_name`` (micrograph file stem) and ``particle_index`` (row number within
-        the micrograph) are added when absent, e.g. for a Leopard-EM table.
+        the micrograph) are added when absent, e.g. for a Leopard-EM table, and
+        ``refined_pixel_size`` (= ``pixel_size``) for tables written before it; the unnamed
+        index column of a Leopard-EM CSV is dropped. ``correlation_variance`` is the
+        variance: a standard deviation (Leopard-EM's column of that name) is squared
+        (:func:`dtm.io.leopard.variance_column`), and ``attrs[STD_READ]`` says so.
 
     Raises
     ------
@@ -358,20 +376,33 @@ def read_table(path: str | os.PathLike[str]) -> pd.DataFrame:
         if isinstance(error, InputError):
             raise
         raise InputError(f"{path}: cannot read the table ({error})") from None
+    table = drop_pandas_index(table)
     missing = [name for name in SEED_DTYPES if name not in table.columns]
     if missing:
         raise InputError(f"{path}: missing required column(s) {', '.join(missing)}")
+    if "refined_pixel_size" not in table:  # written before the column existed
+        table["refined_pixel_size"] = table["pixel_size"]
+    table, std = variance_column(table)
     if "micrograph_name" not in table:
         table["micrograph_name"] = [Path(p).stem for p in table["micrograph_path"]]
     if "particle_index" not in table:
         table["particle_index"] = table.groupby("micrograph_name", sort=False).cumcount()
-    return coerce_peak_dtypes(table, source=str(path))
+    table = coerce_peak_dtypes(table, source=str(path))
+    table.attrs[STD_READ] = std
+    return table
+
+
+#: ``DataFrame.attrs`` key of :func:`read_table`'s result: True when the file's
+#: ``correlation_variance`` held the standard deviation (Leopard-EM's) and was squared.
+STD_READ = "correlation_variance_was_std"
 
 
 __all__ = [
+    "LEOPARD_DTYPES",
     "PEAK_COLUMNS",
     "PEAK_DTYPES",
     "SEED_DTYPES",
+    "STD_READ",
     "coerce_peak_dtypes",
     "empty_peak_table",
     "read_star",

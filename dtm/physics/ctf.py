@@ -1,7 +1,8 @@
 """Contrast transfer function on the rfft grid, for many defocus values at once.
 
 Formulae and conventions: ``conventions.md#ctf`` (CTFFIND convention, defocus positive =
-underfocus, astigmatism angle from the x axis, counter-clockwise).
+underfocus, astigmatism angle from the x axis, counter-clockwise); the optional Zernike
+aberrations and anisotropic magnification are Leopard-EM's (:mod:`dtm.physics.aberrations`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from dtm.errors import ConfigError
+from dtm.physics.aberrations import (
+    as_mag_matrix,
+    as_zernikes,
+    transformed_frequencies,
+    zernike_phase,
+)
 from dtm.physics.filters import frequency_grid
 
 # CODATA 2018 exact / recommended values (SI).
@@ -70,6 +77,9 @@ def ctf_2d(
     phase_shift: float = 0.0,
     b_factor: float = 0.0,
     relative_defocus: ArrayLike = (0.0,),
+    even_zernikes: Any = None,
+    odd_zernikes: Any = None,
+    mag_matrix: Any = None,
     xp: ModuleType = np,
 ) -> Any:
     """CTF on the rfft grid of an ``(ny, nx)`` image for several relative defocus values.
@@ -78,6 +88,11 @@ def ctf_2d(
     ``chi = -pi λ Δf(α) k² + (pi/2) Cs λ³ k⁴ - phase_shift - arcsin(A)`` and
     ``Δf(α) = ½ [du + dv + (du - dv) cos 2(α - astigmatism_angle)]``,
     ``du = defocus_u + δ``, ``dv = defocus_v + δ`` (``conventions.md#ctf``). ``CTF(0) = A``.
+
+    With Leopard-EM's optional terms (``conventions.md#aberrations``): χ, k and α are
+    evaluated at the magnified frequency ``k' = (A⁻¹)ᵀ k`` (the B-factor envelope at ``k``,
+    as Leopard-EM does), even Zernike terms add to χ, and odd ones multiply the CTF by
+    ``exp(i χ_odd)``, which makes it complex. None of them given: the plain CTF, unchanged.
 
     Parameters
     ----------
@@ -101,14 +116,22 @@ def ctf_2d(
         Envelope B-factor, Å².
     relative_defocus : array_like, shape (n_defocus,)
         δ values in Å added to both ``defocus_u`` and ``defocus_v``.
+    even_zernikes, odd_zernikes : dict or JSON text, optional
+        Zernike coefficients in radians per Å⁻ⁿ (:func:`dtm.physics.aberrations.as_zernikes`).
+    mag_matrix : sequence of 4 floats, optional
+        Leopard-EM's real-space magnification matrix on ``(y, x)`` vectors.
     xp : module
         Array module of the result.
 
     Returns
     -------
-    array, shape (n_defocus, ny, nx // 2 + 1), float32
+    array, shape (n_defocus, ny, nx // 2 + 1)
+        float32; complex64 when odd Zernike coefficients are given.
     """
     _check_optics(pixel_size, spherical_aberration, amplitude_contrast_ratio)
+    even = as_zernikes(even_zernikes, kind="even")
+    odd = as_zernikes(odd_zernikes, kind="odd")
+    magnification = as_mag_matrix(mag_matrix)
     deltas = np.atleast_1d(np.asarray(relative_defocus, dtype=np.float64))
     if deltas.ndim != 1:
         raise ConfigError(f"relative_defocus must be 1-D, got shape {deltas.shape}")
@@ -118,6 +141,8 @@ def ctf_2d(
     ky, kx = frequency_grid(shape, xp)
     ky = ky / pixel_size
     kx = kx / pixel_size
+    envelope = xp.exp(-b_factor * (kx**2 + ky**2) / 4.0)
+    ky, kx = transformed_frequencies(ky, kx, magnification)
     k2 = kx**2 + ky**2  # Å⁻²
     direction = xp.arctan2(ky, kx)
     astig = np.deg2rad(astigmatism_angle)
@@ -130,7 +155,11 @@ def ctf_2d(
         + 0.5 * np.pi * cs * wavelength**3 * k2**2
         - np.deg2rad(phase_shift)
         - np.arcsin(amplitude_contrast_ratio)
+        + zernike_phase(even, xp.sqrt(k2), direction, kind="even", xp=xp)
     )
     chi = chi_base[None] - np.pi * wavelength * xp.asarray(deltas)[:, None, None] * k2[None]
-    envelope = xp.exp(-b_factor * k2 / 4.0)
-    return (-xp.sin(chi) * envelope[None]).astype(xp.float32)
+    ctf = -xp.sin(chi) * envelope[None]
+    if odd is None:
+        return ctf.astype(xp.float32)
+    odd_phase = zernike_phase(odd, xp.sqrt(k2), direction, kind="odd", xp=xp)
+    return (ctf * xp.exp(1j * odd_phase)[None]).astype(xp.complex64)

@@ -126,8 +126,17 @@ def _particle_image(
     padded = np.zeros((2 * box, 2 * box), dtype=np.float64)
     start = box - box // 2  # puts the projection's centre d // 2 at the padded centre d
     padded[start : start + box, start : start + box] = -projection
-    ctf = ctf_2d(padded.shape, relative_defocus=(particle.relative_defocus,), **optics)[0]
-    return scipy.fft.irfft2(scipy.fft.rfft2(padded) * ctf, s=padded.shape)
+    plain = {key: value for key, value in optics.items() if key != "mag_matrix"}
+    ctf = ctf_2d(padded.shape, relative_defocus=(particle.relative_defocus,), **plain)[0]
+    image = scipy.fft.irfft2(scipy.fft.rfft2(padded) * ctf, s=padded.shape)
+    if optics.get("mag_matrix") is None:
+        return image
+    # Anisotropic magnification as Leopard-EM means it: the recorded image is image(A·r),
+    # r = (y, x) from the molecule's centre (d, d); done in real space, apart from dtm's
+    # Fourier-space model of it, so that a search finding these particles checks it.
+    matrix = np.asarray(optics["mag_matrix"], dtype=np.float64).reshape(2, 2)
+    centre = np.array([box, box], dtype=np.float64)
+    return scipy.ndimage.affine_transform(image, matrix, offset=centre - matrix @ centre, order=3)
 
 
 def simulate_micrograph(
@@ -148,6 +157,7 @@ def simulate_micrograph(
     noise_sigma: float = 1.0,
     low_frequency_noise: float = 1.0,
     seed: int = 0,
+    aberrations: Any = None,
 ) -> np.ndarray:
     """A micrograph holding the given particles in noise.
 
@@ -182,6 +192,10 @@ def simulate_micrograph(
         Standard deviation of the smooth background, in units of ``noise_sigma``.
     seed
         Random seed of the noise.
+    aberrations
+        A mapping of Leopard-EM's ``even_zernikes``, ``odd_zernikes`` (to the CTF,
+        :func:`ctf_2d`) and ``mag_matrix`` (each particle's filtered image resampled at
+        ``A·r`` around its centre, in real space); default none.
 
     Returns
     -------
@@ -201,6 +215,7 @@ def simulate_micrograph(
         "astigmatism_angle": astigmatism_angle,
         "phase_shift": phase_shift,
         "b_factor": b_factor,
+        **(aberrations or {}),
     }
     micrograph = np.zeros((height, width), dtype=np.float64)
     for particle in particles:

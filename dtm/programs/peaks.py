@@ -35,6 +35,7 @@ from dtm.io.store import (
     write_json,
 )
 from dtm.io.tables import PEAK_COLUMNS, coerce_peak_dtypes, empty_peak_table, write_table
+from dtm.physics.aberrations import as_mag_matrix, as_zernikes, mag_matrix_text, zernikes_text
 from dtm.physics.footprint import template_radius
 from dtm.programs.search_model import search_model
 from dtm.schema import (
@@ -354,8 +355,24 @@ def peaks_table(
         ),
         "detection_z": z[iy, ix].astype(np.float64),
         "neg_log_pvalue": neg_log_p[iy, ix].astype(np.float64),
+        **leopard_columns(attrs, n),
     }
     return coerce_peak_dtypes(pd.DataFrame({name: columns[name] for name in PEAK_COLUMNS}))
+
+
+def leopard_columns(attrs: dict[str, Any], n: int) -> dict[str, Any]:
+    """The columns Leopard-EM's ``ParticleStack`` requires besides the seed's, for ``n`` rows
+    of one micrograph: ``refined_pixel_size`` (the pixel size the search used, as Leopard-EM
+    writes it before any refinement) and the CTF's aberrations and magnification as
+    Leopard-EM reads them (compact JSON text; empty when none)."""
+    even = zernikes_text(as_zernikes(attrs.get("even_zernikes"), kind="even"))
+    odd = zernikes_text(as_zernikes(attrs.get("odd_zernikes"), kind="odd"))
+    return {
+        "refined_pixel_size": np.full(n, float(attrs["pixel_size"])),
+        "even_zernikes": [even] * n,
+        "odd_zernikes": [odd] * n,
+        "mag_matrix": [mag_matrix_text(as_mag_matrix(attrs.get("mag_matrix")))] * n,
+    }
 
 
 def _group_peaks(

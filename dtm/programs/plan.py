@@ -17,6 +17,7 @@ from dtm.config import MatchConfig, MicrographEntry, config_to_dict
 from dtm.errors import ConfigError, DtmError, OutputError
 from dtm.io.mrc import MrcData, check_compatible, read_micrograph, summarise_notices
 from dtm.io.rundir import file_digest
+from dtm.physics.aberrations import as_mag_matrix, as_zernikes
 from dtm.physics.resample import cropped_size
 from dtm.schema import OPTICS_FIELDS
 from dtm.search.prepare import Optics
@@ -245,6 +246,9 @@ def micrograph_optics(config: MatchConfig, entry: MicrographEntry) -> Optics:
         astigmatism_angle=entry.astigmatism_angle,
         phase_shift=float(entry.phase_shift or 0.0),
         ctf_B_factor=group.ctf_B_factor,
+        even_zernikes=as_zernikes(group.even_zernikes, kind="even"),
+        odd_zernikes=as_zernikes(group.odd_zernikes, kind="odd"),
+        mag_matrix=as_mag_matrix(group.mag_matrix),
     )
 
 
@@ -332,10 +336,25 @@ def dataset_attrs(
         "total_defocus": space.n_defocus,
         "total_correlations": space.n_correlations,
         **{name: getattr(optics, name) for name in OPTICS_FIELDS if name != "pixel_size"},
+        **aberration_attrs(optics),
         "config": json.dumps(config_to_dict(config)),
         "dtm_version": dtm.__version__,
         "start_time": start,
     }
+
+
+def aberration_attrs(optics: Optics) -> dict[str, Any]:
+    """The Leopard-EM aberrations of ``optics`` that are set, as dataset attributes
+    (``even_zernikes``/``odd_zernikes`` dicts, ``mag_matrix`` a list); results without
+    them have none."""
+    attrs: dict[str, Any] = {}
+    for name in ("even_zernikes", "odd_zernikes"):
+        value = getattr(optics, name)
+        if value is not None:
+            attrs[name] = dict(value)
+    if optics.mag_matrix is not None:
+        attrs["mag_matrix"] = list(optics.mag_matrix)
+    return attrs
 
 
 #: Fewest pixels across a Fourier-cropped template: below it a search finds only blobs.

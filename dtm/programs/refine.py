@@ -30,7 +30,7 @@ from dtm.config import RefineConfig, load_refine_config
 from dtm.errors import ConfigError, InputError, OutputError
 from dtm.io.mrc import pixel_sizes_differ, read_template
 from dtm.io.rundir import check_writable
-from dtm.io.tables import read_table, write_table
+from dtm.io.tables import STD_READ, read_table, write_table
 from dtm.programs.refine_partition import (
     REFINED_DTYPES,
     RefineSettings,
@@ -213,6 +213,12 @@ def refine_template(
     _check_output(output, overwrite)
     table_path = Path(config.particle_stack.df_path)
     table = read_table(table_path)
+    if table.attrs.get(STD_READ):
+        print(
+            f"notice: {table_path}: correlation_variance holds the standard deviation "
+            "(Leopard-EM's convention): read as such",
+            file=out,
+        )
     template = read_template(config.template_volume_path)
     box = int(template.data.shape[-1])
     settings = refine_settings(config, box)

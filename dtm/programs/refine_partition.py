@@ -5,7 +5,8 @@ The micrograph is read once, whitened, band-passed and normalised with
 ``1/(H·W)`` of the whole micrograph), and the boxes are cut from the filtered image, so the
 correlations are on the match's scale. Projection filters are CTF (at each particle's
 relative defocus + offsets) × the same whitening × band-pass as the match's. The match's
-correlation mean and variance maps give each candidate's z-score.
+correlation mean and variance maps give each candidate's z-score (a standard-deviation map
+written by Leopard-EM under that name is recognised and squared: :mod:`dtm.io.leopard`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import pandas as pd
 
 from dtm.config import PreprocessingFilters
 from dtm.errors import InputError
+from dtm.io import leopard
 from dtm.io.mrc import pixel_sizes_differ, read_micrograph
 from dtm.io.store import open_results
+from dtm.physics.aberrations import magnified_rotations
 from dtm.physics.orientations import local_grid
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import compose, euler_to_matrix, matrix_to_euler
@@ -29,6 +32,7 @@ from dtm.search.prepare import (
     FilterSettings,
     Optics,
     filter_micrograph,
+    filter_stack,
     image_filter,
     projection_filters,
 )
@@ -228,6 +232,8 @@ def refine_partition(
     mean_map, variance_map = _statistics_maps(
         first, [(height - h + 1, width - w + 1), (height, width)]
     )
+    # Leopard-EM's "correlation_variance" map holds the standard deviation.
+    variance_map, _ = leopard.variance_map(variance_map, mean_map, part)
 
     source = start_columns(part)
     pos_y = part[source["pos_y"]].to_numpy(dtype=np.int64)
@@ -252,12 +258,12 @@ def refine_partition(
     else:
         boxes = extract_boxes(image, top, left, (by, bx), "reflect", 0.0)
     offsets = settings.offsets()
+    magnification = optics.slice_transform()
     starts = euler_to_matrix(euler).reshape(n, 3, 3)
     for k in range(n):
         relative = start_defocus[k] + settings.defocus_offsets
         if settings.global_filtering:
-            stack = (optics.ctf((h, w), relative) * box_filter[None]).astype(np.float32)
-            stack[:, 0, 0] = 0
+            stack = filter_stack(optics.ctf((h, w), relative), box_filter)
             box, norm_shape = boxes[k], (height, width)
         else:
             box, stack = _filtered_box(boxes[k], (h, w), optics, filters, relative)
@@ -266,7 +272,7 @@ def refine_partition(
         fit = search_particle(
             box,
             template,
-            rotations,
+            magnified_rotations(rotations, magnification),
             stack,
             norm_shape,
             stats[0][k],

@@ -18,7 +18,7 @@ from dtm.errors import DtmError
 from dtm.io.mrc import read_micrograph
 from dtm.physics.resample import fourier_crop
 from dtm.runtime.tasks import load_template
-from dtm.schema import OPTICS_FIELDS
+from dtm.schema import ABERRATION_FIELDS, OPTICS_FIELDS
 from dtm.search.prepare import Optics, filter_micrograph
 from dtm.search.side_maxima import SearchModel
 
@@ -52,7 +52,7 @@ def search_model(attrs: Mapping[str, Any]) -> SearchModel | None:
     optics and filter settings); None when the files cannot be read. The last one is kept
     per process (picking the same micrograph again reuses it)."""
     keys = ["pixel_size", "original_pixel_size", "high_resolution_limit", "config"]
-    keys += list(OPTICS_FIELDS)
+    keys += [*OPTICS_FIELDS, *ABERRATION_FIELDS]
     subset = {key: attrs.get(key) for key in keys}
     return _cached_model(
         str(attrs.get("micrograph_path")),

@@ -25,6 +25,7 @@ import numpy as np
 import scipy.fft
 
 from dtm.backend import get_fft, get_xp
+from dtm.physics.aberrations import magnified_rotations
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import euler_to_matrix
 from dtm.search.fused import central_slices
@@ -335,7 +336,8 @@ def correlate_chunk(
     h, w = image.box_shape
     group = maps_per_fft(image.fft_shape, on_gpu=xp is not np)
     batch_size = max(1, min(batch_size, PROJECTION_BYTES // (n_defocus * h * w * 4)))
-    rotations = xp.asarray(euler_to_matrix(np.asarray(euler, dtype=np.float64)))
+    rotations = euler_to_matrix(np.asarray(euler, dtype=np.float64))
+    rotations = xp.asarray(magnified_rotations(rotations, image.slice_transform))
     stats = PartialStats.empty(image.out_shape, xp)
     table = (
         None

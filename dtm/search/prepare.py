@@ -17,6 +17,13 @@ import numpy as np
 import scipy.fft
 
 from dtm.backend import get_fft, get_xp
+from dtm.physics.aberrations import (
+    MagMatrix,
+    Zernikes,
+    as_mag_matrix,
+    as_zernikes,
+    slice_transform,
+)
 from dtm.physics.ctf import ctf_2d
 from dtm.physics.filters import (
     bandpass_filter,
@@ -24,6 +31,7 @@ from dtm.physics.filters import (
     radial_power_spectrum,
     whitening_filter,
 )
+from dtm.schema import ABERRATION_FIELDS
 
 CorrelationMode = Literal["valid", "same"]
 
@@ -41,11 +49,29 @@ class Optics:
     astigmatism_angle: float  # degrees
     phase_shift: float = 0.0  # degrees
     ctf_B_factor: float = 0.0  # Å²  # noqa: N815 (the field's established name)
+    # Leopard-EM's optional terms (dtm.physics.aberrations); None: the plain CTF.
+    even_zernikes: Zernikes | None = None
+    odd_zernikes: Zernikes | None = None
+    mag_matrix: MagMatrix | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> Optics:
-        """From a table row or a results dataset's attributes, which name the fields alike."""
-        return cls(**{field.name: float(values[field.name]) for field in fields(cls)})
+        """From a table row or a results dataset's attributes, which name the fields alike
+        (the aberrations as dicts, lists or their JSON text; absent or empty: none)."""
+        numbers = {
+            f.name: float(values[f.name]) for f in fields(cls) if f.name not in ABERRATION_FIELDS
+        }
+        return cls(
+            **numbers,
+            even_zernikes=as_zernikes(values.get("even_zernikes"), kind="even"),
+            odd_zernikes=as_zernikes(values.get("odd_zernikes"), kind="odd"),
+            mag_matrix=as_mag_matrix(values.get("mag_matrix")),
+        )
+
+    def slice_transform(self) -> np.ndarray | None:
+        """``(3, 3)`` matrix that rotations are multiplied by (``R @ M``) to cut the
+        magnified template's slices (:func:`dtm.physics.aberrations.slice_transform`)."""
+        return slice_transform(self.mag_matrix)
 
     def ctf(self, shape: tuple[int, int], relative_defocus: np.ndarray, xp: Any = np) -> Any:
         """CTF planes ``(n_defocus, ny, nx // 2 + 1)`` on the rfft grid of ``shape``."""
@@ -61,8 +87,14 @@ class Optics:
             phase_shift=self.phase_shift,
             b_factor=self.ctf_B_factor,
             relative_defocus=relative_defocus,
+            even_zernikes=self.even_zernikes,
+            odd_zernikes=self.odd_zernikes,
+            mag_matrix=self.mag_matrix,
             xp=xp,
         )
+
+
+#: Fields of :class:`Optics` that a mapping may leave out.
 
 
 @dataclass(frozen=True)
@@ -90,10 +122,13 @@ class ImageInputs:
         ``(Fy, Fx // 2 + 1)`` complex64, rfft2 of the normalised micrograph zero-padded
         along its bottom and right edges to ``fft_shape``.
     filters : array
-        ``(n_defocus, h, w // 2 + 1)`` float32, CTF × whitening × band-pass on the rfft grid
-        of the template box, zero at the origin.
+        ``(n_defocus, h, w // 2 + 1)`` float32 (complex64 with odd Zernike aberrations),
+        CTF × whitening × band-pass on the rfft grid of the template box, zero at the origin.
     image_shape, box_shape, fft_shape, out_shape : tuple of int
         ``(H, W)``, ``(h, w)``, ``(Fy, Fx)`` and the map shape of the correlation mode.
+    slice_transform : numpy.ndarray or None
+        ``(3, 3)``: the projections are cut with ``R @ slice_transform`` (anisotropic
+        magnification, :meth:`Optics.slice_transform`); None: with ``R``.
     """
 
     spectrum: Any
@@ -103,6 +138,7 @@ class ImageInputs:
     fft_shape: tuple[int, int]
     out_shape: tuple[int, int]
     mode: CorrelationMode = "valid"
+    slice_transform: np.ndarray | None = None
 
 
 def output_shape(
@@ -204,15 +240,23 @@ def projection_filters(
     profile: tuple[np.ndarray, np.ndarray] | None,
     xp: Any = np,
 ) -> Any:
-    """``(n_defocus, h, w // 2 + 1)`` float32: CTF × whitening × band-pass (× Fourier
-    dropout mask) of every defocus plane on the projections' rfft grid, zero at the origin;
-    ``profile`` as returned by :func:`filter_micrograph`."""
+    """``(n_defocus, h, w // 2 + 1)`` float32 (complex64 with odd aberrations): CTF ×
+    whitening × band-pass (× Fourier dropout mask) of every defocus plane on the projections'
+    rfft grid, zero at the origin; ``profile`` as returned by :func:`filter_micrograph`."""
     ctf = optics.ctf(box_shape, relative_defocus, xp=xp)
     whitening_bandpass = image_filter(box_shape, filters, optics.pixel_size, profile, xp)
     if filters.dropout_fraction > 0:
         mask = fourier_dropout_mask(box_shape, filters.dropout_fraction, filters.dropout_seed, xp)
         whitening_bandpass = whitening_bandpass * mask
-    stack = (ctf * whitening_bandpass[None]).astype(np.float32)
+    return filter_stack(ctf, whitening_bandpass)
+
+
+def filter_stack(ctf: Any, whitening_bandpass: Any) -> Any:
+    """``ctf × whitening_bandpass`` per plane, zero at the origin: float32, or complex64 for
+    a complex CTF (odd aberrations)."""
+    xp = get_xp(ctf)
+    dtype = np.complex64 if xp.iscomplexobj(ctf) else np.float32
+    stack = (ctf * whitening_bandpass[None]).astype(dtype)
     stack[:, 0, 0] = 0
     return stack
 
@@ -258,4 +302,5 @@ def prepare_image(
         fft_shape=fft_shape,
         out_shape=output_shape(shape, box_shape, mode),
         mode=mode,
+        slice_transform=optics.slice_transform(),
     )

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dtm.physics.aberrations import magnified_rotations
 from dtm.physics.projection import PreparedTemplate
 from dtm.physics.rotations import euler_to_matrix
 from dtm.search.kernel import filtered_projections
@@ -59,7 +60,10 @@ class SearchModel:
             stack = projection_filters(
                 box, self.optics, np.array([value]), self.filters, self.profile
             )
-            rotations = euler_to_matrix(np.asarray(euler, dtype=np.float64)[rows])
+            rotations = magnified_rotations(
+                euler_to_matrix(np.asarray(euler, dtype=np.float64)[rows]),
+                self.optics.slice_transform(),
+            )
             out[rows] = filtered_projections(self.template, rotations, stack, self.image_shape)[
                 :, 0
             ]
