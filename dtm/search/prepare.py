@@ -94,9 +94,6 @@ class Optics:
         )
 
 
-#: Fields of :class:`Optics` that a mapping may leave out.
-
-
 @dataclass(frozen=True)
 class FilterSettings:
     """Whitening and band-pass applied to micrograph and projections alike; Fourier dropout
