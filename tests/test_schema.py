@@ -9,6 +9,7 @@ from dtm.io.rundir import FIXED_OUTPUTS, run_outputs
 from dtm.io.tables import PEAK_COLUMNS
 from dtm.programs.browse import MAPS
 from dtm.schema import (
+    ABERRATION_FIELDS,
     CHECKPOINTS_DIR,
     MAP_NAMES,
     MRC_NAMES,
@@ -29,8 +30,9 @@ def test_every_map_has_one_file_and_one_leopard_field():
 
 
 def test_optics_fields_are_those_of_optics_and_of_the_peak_table():
-    assert tuple(field.name for field in dataclasses.fields(Optics)) == OPTICS_FIELDS
-    assert set(OPTICS_FIELDS) <= set(PEAK_COLUMNS)
+    names = tuple(field.name for field in dataclasses.fields(Optics))
+    assert names == OPTICS_FIELDS + ABERRATION_FIELDS
+    assert set(OPTICS_FIELDS + ABERRATION_FIELDS) <= set(PEAK_COLUMNS)
 
 
 def test_a_run_records_every_file_it_writes():
