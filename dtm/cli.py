@@ -1,4 +1,5 @@
-"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``, ``report``, ``browse``.
+"""The ``dtm`` command: ``match``, ``demo``, ``template``, ``peaks``, ``refine``, ``report``,
+``browse``.
 
 User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2. A
 ``dtm match`` run says in one or two lines what stopped it, what it saved and the command
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="dtm-demo", help="output directory (default: dtm-demo)")
     _cluster_options(demo, device=False, kind=False)
     demo.set_defaults(func=_demo)
+
+    from dtm.programs.template import add_parser as add_template_parser
+
+    add_template_parser(sub)
 
     peaks = sub.add_parser("peaks", help="re-pick peaks from the results of dtm match")
     peaks.add_argument("results_dir", help="output directory of dtm match")
