@@ -164,7 +164,12 @@ def _resume_command(args: argparse.Namespace) -> str:
 def _demo(args: argparse.Namespace) -> None:
     from dtm.programs.demo import run_demo
 
-    run_demo(Path(args.out), n_workers=args.workers, scheduler_address=args.scheduler)
+    run_demo(
+        Path(args.out),
+        n_workers=args.workers,
+        scheduler_address=args.scheduler,
+        model=not args.synthetic,
+    )
 
 
 def _peaks(args: argparse.Namespace) -> None:
@@ -264,8 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(match)
     match.set_defaults(func=_match)
 
-    demo = sub.add_parser("demo", help="simulate a micrograph and run the whole pipeline")
+    demo = sub.add_parser(
+        "demo", help="simulate a micrograph and run the whole pipeline, from an atomic model"
+    )
     demo.add_argument("--out", default="dtm-demo", help="output directory (default: dtm-demo)")
+    demo.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="plant a synthetic blob and search with its template, instead of the bundled "
+        "atomic model (PDB 7DDO) that the search makes its template from",
+    )
     _cluster_options(demo, device=False, kind=False)
     demo.set_defaults(func=_demo)
 
