@@ -20,6 +20,8 @@ from dtm.io.curves import read_curve
 from dtm.io.model import read_model
 from dtm.physics import exposure, potential
 from dtm.physics.ctf import electron_wavelength
+from dtm.physics.projection import project_real_space
+from dtm.physics.rotations import euler_to_matrix
 from dtm.physics.scattering import PENG_1996, scattering_coefficients, scattering_factor
 from dtm.programs.template import simulate_template
 
@@ -317,3 +319,37 @@ def test_bad_models_are_one_line(tmp_path):
     sharpened = TemplateSimulation(additional_b_factor=-200.0)
     with pytest.raises(InputError, match="too negative"):
         simulate_template(wide, pixel_size=3.0, box=64, settings=sharpened)
+
+
+def test_a_model_at_pose_r_projects_as_the_template_at_r(tmp_path):
+    # A micrograph's particle at pose R is the template projected at R: P(x, y) = ∫ V(R r)
+    # dz (docs/conventions.md), i.e. the model with its atoms moved from r to Rᵀ r, seen
+    # along z. So the template of the moved model, summed along z, must be the template's
+    # projection at R: the same centre, axes and hand.
+    rotation = euler_to_matrix(np.array([30.0, 40.0, 50.0]))
+    structure = gemmi.read_structure(str(BUNDLED))
+    model = read_model(BUNDLED)
+    for residue in structure[0].all():
+        relative = np.array(residue.atom.pos.tolist()) - model.centre
+        residue.atom.pos = gemmi.Position(*(rotation.T @ relative + model.centre))
+    moved = tmp_path / "moved.pdb"
+    structure.write_pdb(str(moved))
+    n, pixel = 50, 3.0
+    template, _ = simulate_template(BUNDLED, pixel_size=pixel, box=n)
+    seen, record = simulate_template(moved, pixel_size=pixel, box=n)
+    np.testing.assert_allclose(record["centre_angstrom"], model.centre, atol=1e-3)
+
+    def detail(image: np.ndarray) -> np.ndarray:  # a band-pass: the molecule's features
+        image = image.astype(np.float64)
+        return scipy.ndimage.gaussian_filter(image, 0.7) - scipy.ndimage.gaussian_filter(image, 3)
+
+    def correlation(a: np.ndarray, b: np.ndarray) -> float:
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+    expected = detail(project_real_space(template, rotation))
+    assert correlation(detail(seen.sum(axis=0)), expected) > 0.99
+    # The other hand (x → −x about the centre) or the inverse pose give other images.
+    mirrored = np.roll(seen.sum(axis=0)[:, ::-1], 1, axis=1)
+    assert correlation(detail(mirrored), expected) < 0.5
+    assert correlation(detail(project_real_space(template, rotation.T)), expected) < 0.5
