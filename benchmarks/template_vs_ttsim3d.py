@@ -4,7 +4,8 @@ For each case, both whole commands run from the shell on the same CPU cores (the
 affinity mask), one after the other, each in a fresh process: ``dtm template`` and
 ttsim3d's ``ttsim3d-cli`` (dose weighting and DQE off: the plain potential). Wall time and
 peak resident memory (``wait4``'s ``ru_maxrss``) of each command are measured; the volumes
-are then compared:
+are then compared (the CPU time, user + system, is reported too: on a shared machine it
+varies much less than the wall time):
 
 - Pearson correlation after a 4 Å low-pass (the requirement: ≥ 0.97), and unfiltered;
 - the centre of the cross-correlation peak (sub-voxel, parabolic), which must lie within one
@@ -83,8 +84,9 @@ def tiled_model(source: Path, copies: int, out: Path, spacing: float = 60.0) -> 
     return out
 
 
-def measure(argv: list[str], cores: set[int]) -> tuple[float, float, str]:
-    """Run ``argv`` on ``cores``; wall seconds, peak RSS (GiB) and its output."""
+def measure(argv: list[str], cores: set[int]) -> tuple[float, float, float, str]:
+    """Run ``argv`` on ``cores``; wall seconds, CPU seconds (user + system: what other
+    processes on the machine disturb least), peak RSS (GiB) and its output."""
     start = time.perf_counter()
     process = subprocess.Popen(
         argv,
@@ -99,7 +101,7 @@ def measure(argv: list[str], cores: set[int]) -> tuple[float, float, str]:
     wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"{argv[0]} failed ({status}):\n{output}")
-    return wall, usage.ru_maxrss / 2**20, output
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 2**20, output
 
 
 def low_pass(volume: np.ndarray, pixel_size: float, resolution: float) -> np.ndarray:
@@ -237,9 +239,13 @@ def run_case(name: str, args: argparse.Namespace, cores: set[int]) -> dict:
         tt_argv += ["--apply-dqe"]
     result: dict = {"case": name, "box": box, "pixel_size": pixel_size, "cores": len(cores)}
     for label, argv in (("dtm", dtm_argv), ("ttsim3d", tt_argv)):
-        wall, rss, _ = measure(argv, cores)
-        result[label] = {"seconds": round(wall, 2), "peak_rss_gib": round(rss, 2)}
-        print(f"{name}: {label} {wall:.1f} s, peak {rss:.2f} GiB", flush=True)
+        wall, cpu, rss, _ = measure(argv, cores)
+        result[label] = {
+            "seconds": round(wall, 2),
+            "cpu_seconds": round(cpu, 2),
+            "peak_rss_gib": round(rss, 2),
+        }
+        print(f"{name}: {label} {wall:.1f} s ({cpu:.1f} s CPU), peak {rss:.2f} GiB", flush=True)
     result["atoms"] = _atoms(plain)
     result.update(compare(mrcfile.read(dtm_out), mrcfile.read(tt_out), pixel_size))
     return result
