@@ -17,8 +17,8 @@ a box of ``n``). Slabs are independent: with a Dask client they run as tasks on 
 Conventions (``docs/conventions.md``): the volume is indexed ``[z, y, x]``; a position
 ``(x, y, z)`` Å from the model's centre lies at index ``n // 2 + (z, y, x) / pixel_size``;
 the potential is positive. Every voxel receives its atoms' contributions in one order (by
-truncation radius, then by atom) whatever the slabs, sums are float64: the slab size and the
-number of workers never change the volume. The sums are float64; the transforms, after
+truncation radius, then by atom) whatever the slabs: the slab size and the number of
+threads or workers never change the volume. The sums are float64; the transforms, after
 them, float32.
 """
 
@@ -327,6 +327,8 @@ def potential_spectrum(
     if client is not None:
         _on_client(client, jobs, fine, a, beta, grid, columns)
     elif threads > 1:
+        if compiled:
+            numba_add_cubes()  # compiled once, before the threads want it
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, jobs))
     else:

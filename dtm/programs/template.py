@@ -201,7 +201,8 @@ def search_template(
     path = output_dir / TEMPLATE_FILE
     if path.is_symlink():
         raise OutputError(f"output {path}: is a symbolic link; dtm writes only real files")
-    if not _same_template(path, volume, optics.pixel_size):
+    unchanged = _same_template(path, volume, optics.pixel_size)
+    if not unchanged:
         if has_results(output_dir) and not overwrite:
             if resume:
                 raise ConfigError(
@@ -216,7 +217,8 @@ def search_template(
         write_map(path, volume, pixel_size=optics.pixel_size)
     print(
         f"template: {record['atoms']:,} atoms of {config.template_model_path} → {path} "
-        f"({record['box']}³ voxels of {record['pixel_size']:g} Å)",
+        f"({record['box']}³ voxels of {record['pixel_size']:g} Å)"
+        + (", the same as the earlier run's" if unchanged else ""),
         file=out,
     )
     settings = config.template_simulation.model_copy(
