@@ -5,6 +5,7 @@ under slabs, threads, the numba kernel and a Dask cluster."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gemmi
@@ -195,13 +196,15 @@ def test_slabs_threads_kernel_and_cluster_never_change_the_volume(two_workers):
     beta = b + rng.uniform(2, 30, size=(300, 1))
     grid = potential.Grid(24, 1.0, 2)
     reference = potential.potential_spectrum(zyx, a, beta, grid, compiled=False)
-    for kwargs in (
-        {"slab_planes": 5},
-        {"slab_planes": 48, "threads": 2},
-        {"slab_planes": 7, "client": two_workers},
-    ):
-        result = potential.potential_spectrum(zyx, a, beta, grid, **kwargs)
-        np.testing.assert_array_equal(result, reference, err_msg=str(kwargs))
+    with ThreadPoolExecutor(3) as threads:
+        for kwargs in (
+            {"slab_planes": 5},
+            {"slab_planes": 48, "threads": 2},
+            {"slab_planes": 6, "executor": threads},
+            {"slab_planes": 7, "executor": two_workers.get_executor(pure=False)},
+        ):
+            result = potential.potential_spectrum(zyx, a, beta, grid, **kwargs)
+            np.testing.assert_array_equal(result, reference, err_msg=str(kwargs))
 
 
 def test_numba_kernel_adds_exactly_as_numpy():

@@ -12,7 +12,8 @@ spectrum is then cropped to the wanted grid's band: detail finer than the wanted
 dropped, not folded back (aliased) into the template. The fine grid is never held whole: it is
 made in slabs of planes along z, each transformed along x and y and cropped at once, so memory
 stays at a slab per thread plus the cropped spectrum of the fine z axis (``4 u n³`` bytes for
-a box of ``n``). Slabs are independent: with a Dask client they run as tasks on its workers.
+a box of ``n``). Slabs are independent: they run on threads, or on the workers of a Dask
+cluster through its client's ``concurrent.futures`` executor.
 
 Conventions (``docs/conventions.md``): the volume is indexed ``[z, y, x]``; a position
 ``(x, y, z)`` Å from the model's centre lies at index ``n // 2 + (z, y, x) / pixel_size``;
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -281,7 +282,7 @@ def potential_spectrum(
     grid: Grid,
     *,
     slab_planes: int = 32,
-    client: Any = None,
+    executor: Executor | None = None,
     threads: int = 1,
     compiled: bool = True,
 ) -> np.ndarray:
@@ -297,12 +298,13 @@ def potential_spectrum(
     grid
         The grid and its oversampling.
     slab_planes
-        Fine planes per slab (one task each with a client).
-    client
-        A ``distributed.Client``: slabs run as its tasks; ``None``: here.
+        Fine planes per slab: one call of :func:`slab_spectrum` each.
+    executor
+        Where the slabs run: a ``concurrent.futures`` executor (threads: numpy, scipy and
+        the numba kernel release the GIL; or a Dask client's ``get_executor()``, whose
+        workers get each slab's atoms); ``None``: here, one after another.
     threads
-        Slabs computed at once here (threads; numpy, scipy and the numba kernel release the
-        GIL), and threads of the last FFTs.
+        Threads of the last transforms (along z), here.
     compiled
         Use the numba kernel where there is one (``False``: the numpy reference).
 
@@ -316,24 +318,20 @@ def potential_spectrum(
     fine = zyx / grid.fine_pixel + grid.fine_centre
     radii = truncation_radii(beta, grid.fine_pixel)
     columns = np.zeros((n_fine, n, n // 2 + 1), dtype=np.complex64)
-    jobs = list(_slabs(fine, radii, n_fine, max(1, slab_planes)))
-
-    def one(job: tuple[int, int, np.ndarray]) -> None:
-        z0, z1, near = job
-        columns[z0:z1] = slab_spectrum(
-            fine[near], a[near], beta[near], grid, z0, z1, compiled=compiled
-        )
-
-    if client is not None:
-        _on_client(client, jobs, fine, a, beta, grid, columns)
-    elif threads > 1:
+    jobs = [
+        (fine[near], a[near], beta[near], grid, z0, z1, compiled)
+        for z0, z1, near in _slabs(fine, radii, n_fine, max(1, slab_planes))
+    ]
+    if executor is None:
+        for job in jobs:
+            columns[job[4] : job[5]] = slab_spectrum(*job)
+    else:
         if compiled:
             numba_add_cubes()  # compiled once, before the threads want it
-        with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, jobs))
-    else:
-        for job in jobs:
-            one(job)
+        pending = {executor.submit(slab_spectrum, *job): job[4:6] for job in jobs}
+        for future in as_completed(pending):
+            z0, z1 = pending.pop(future)
+            columns[z0:z1] = future.result()
     # The z axis last, a block of rows at a time (the full transform would double memory).
     kept = _kept(n_fine, n)
     spectrum = np.empty((n, n, n // 2 + 1), dtype=np.complex64)
@@ -342,31 +340,6 @@ def potential_spectrum(
         block = scipy.fft.fft(columns[:, y0 : y0 + step], axis=0, workers=threads)
         spectrum[:, y0 : y0 + step] = block[kept]
     return spectrum
-
-
-def _on_client(
-    client: Any,
-    jobs: list[tuple[int, int, np.ndarray]],
-    fine: np.ndarray,
-    a: np.ndarray,
-    beta: np.ndarray,
-    grid: Grid,
-    columns: np.ndarray,
-) -> None:
-    """Run the slabs as tasks of ``client`` and place each result as it arrives."""
-    from distributed import as_completed  # noqa: PLC0415 (only with a cluster)
-
-    futures = {
-        client.submit(slab_spectrum, fine[near], a[near], beta[near], grid, z0, z1, pure=False): (
-            z0,
-            z1,
-        )
-        for z0, z1, near in jobs
-    }
-    for future in as_completed(futures):
-        z0, z1 = futures[future]
-        columns[z0:z1] = future.result()
-        future.release()
 
 
 def volume_from_spectrum(spectrum: np.ndarray, box: int, threads: int = 1) -> np.ndarray:

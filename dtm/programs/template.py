@@ -11,23 +11,25 @@ micrograph is found at R (``docs/from-a-model.md``).
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import functools
 import os
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from dtm.errors import ConfigError, InputError, OutputError
+from dtm.schema import TEMPLATE_FILE
 
 if TYPE_CHECKING:
     from dtm.config.match import MatchConfig
     from dtm.config.template import TemplateSimulation
     from dtm.io.model import AtomicModel
 
-#: The file a search simulates its template into, in its output directory.
-TEMPLATE_FILE = "template.mrc"
 #: cisTEM and ttsim3d blur each atom by this fraction of its B-factor (kept for agreement).
 B_FACTOR_FRACTION = 0.25
 
@@ -39,7 +41,7 @@ def simulate_template(
     box: int | None = None,
     voltage: float = 300.0,
     settings: TemplateSimulation | None = None,
-    client: Any = None,
+    executor: Executor | None = None,
     threads: int = 1,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The template of an atomic model.
@@ -56,10 +58,11 @@ def simulate_template(
         Electron energy, kV (sets the wavelength in the potential's unit).
     settings
         B-factors, filters, oversampling, waters (:class:`dtm.config.template.TemplateSimulation`).
-    client
-        A ``distributed.Client`` to compute on (slabs of the fine grid as tasks), or None.
+    executor
+        Where the slabs of the fine grid are computed (threads, or a Dask client's
+        ``get_executor()``); ``None``: here, one after another.
     threads
-        Slabs computed at once here when there is no client.
+        Threads of the transforms here.
 
     Returns
     -------
@@ -86,7 +89,7 @@ def simulate_template(
     zyx, a, beta = _atom_arrays(model, settings)
     oversampling = settings.oversampling or potential.default_oversampling(pixel_size, box)
     grid = potential.Grid(box, pixel_size, oversampling)
-    spectrum = potential.potential_spectrum(zyx, a, beta, grid, client=client, threads=threads)
+    spectrum = potential.potential_spectrum(zyx, a, beta, grid, executor=executor, threads=threads)
     spectrum *= potential.potential_scale(voltage, pixel_size)
     for values in _filters(settings, box, pixel_size):
         spectrum *= values
@@ -182,7 +185,7 @@ def search_template(
         attributes record every parameter).
     """
     from dtm.io.mrc import write_map  # noqa: PLC0415
-    from dtm.jobfile import check_output_dir, has_results  # noqa: PLC0415
+    from dtm.io.rundir import check_output_dir, has_results  # noqa: PLC0415
 
     if config.template_model_path is None:
         return config
@@ -190,14 +193,16 @@ def search_template(
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir)
     optics = config.optics_group
-    volume, record = simulate_template(
-        config.template_model_path,
-        pixel_size=optics.pixel_size,
-        box=config.template_box,
-        voltage=optics.voltage,
-        settings=config.template_simulation,
-        threads=_cores(),
-    )
+    with _threads() as (executor, threads):
+        volume, record = simulate_template(
+            config.template_model_path,
+            pixel_size=optics.pixel_size,
+            box=config.template_box,
+            voltage=optics.voltage,
+            settings=config.template_simulation,
+            executor=executor,
+            threads=threads,
+        )
     path = output_dir / TEMPLATE_FILE
     if path.is_symlink():
         raise OutputError(f"output {path}: is a symbolic link; dtm writes only real files")
@@ -247,105 +252,74 @@ def _same_template(path: Path, volume: np.ndarray, pixel_size: float) -> bool:
         return False
 
 
-def _cores() -> int:
-    from dtm.deployments import available_cpus  # noqa: PLC0415
+@contextlib.contextmanager
+def _threads() -> Iterator[tuple[Executor | None, int]]:
+    """A thread per core for the slabs (``dask.system.CPU_COUNT``, as many as the local
+    cluster's workers: the affinity mask and cgroup limits), and the count."""
+    import dask.system  # noqa: PLC0415
 
-    return available_cpus()
-
-
-# ---------------------------------------------------------------------------------- command
-
-
-def add_parser(sub: Any) -> None:
-    """Add ``dtm template`` to the ``dtm`` command's subparsers."""
-    from dtm.cli import _at_least, _number  # noqa: PLC0415
-
-    parser = sub.add_parser(
-        "template",
-        help="simulate a template from an atomic model (PDB or mmCIF)",
-        description="Simulate a template from an atomic model: the electrostatic potential "
-        "from 5-Gaussian scattering factors (Peng 1996) with each atom's B-factor, centred "
-        "on the model's centre (see docs/from-a-model.md).",
-    )
-    parser.add_argument("model", help="PDB or mmCIF file (.gz too)")
-    parser.add_argument(
-        "--pixel-size", type=_number(above=0), required=True, metavar="Å", help="voxel size"
-    )
-    parser.add_argument(
-        "--box",
-        type=_at_least(8),
-        metavar="N",
-        help="edge of the volume (default: the model's diameter plus 20 Å, even)",
-    )
-    parser.add_argument("--output", required=True, metavar="MRC", help="template file to write")
-    parser.add_argument(
-        "--voltage", type=_number(above=0), default=300.0, metavar="KV", help="default 300"
-    )
-    parser.add_argument(
-        "--b-factor-scale", type=_number(), metavar="S", help="multiply the B-factors (1)"
-    )
-    parser.add_argument(
-        "--add-b-factor", type=_number(), metavar="Å²", help="add to the B-factors (0)"
-    )
-    parser.add_argument(
-        "--dose-weighting",
-        type=_number(),
-        nargs=2,
-        metavar=("START", "END"),
-        help="weight by the signal left over this exposure, e⁻/Å² (Grant & Grigorieff 2015)",
-    )
-    parser.add_argument("--mtf", metavar="FILE", help="multiply by this detector MTF (STAR)")
-    parser.add_argument("--dqe", metavar="FILE", help="weight by √DQE of this curve")
-    parser.add_argument(
-        "--oversampling", type=_at_least(1), metavar="U", help="fine grid factor (auto)"
-    )
-    parser.add_argument("--no-waters", action="store_true", help="leave out water molecules")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    parser.add_argument(
-        "--scheduler", metavar="ADDRESS", help="compute on this running dask scheduler"
-    )
-    parser.set_defaults(func=run_command)
+    cores = int(dask.system.CPU_COUNT)
+    if cores == 1:
+        yield None, 1
+        return
+    with ThreadPoolExecutor(cores) as pool:
+        yield pool, cores
 
 
-def run_command(args: argparse.Namespace) -> None:
-    """``dtm template``: simulate and write the template; one line on what was written."""
-    from dtm.config.base import validate_options  # noqa: PLC0415
-    from dtm.config.template import TemplateSimulation  # noqa: PLC0415
+def template_command(
+    model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    pixel_size: float,
+    box: int | None,
+    voltage: float,
+    settings: TemplateSimulation,
+    overwrite: bool = False,
+    scheduler_address: str | None = None,
+    out: TextIO | None = None,
+) -> dict[str, Any]:
+    """``dtm template``: simulate the template of ``model`` and write it to ``output``.
+
+    On this machine's cores, or on the Dask cluster at ``scheduler_address``. Prints one
+    line saying what was written; returns the record of :func:`simulate_template`.
+
+    Raises
+    ------
+    OutputError
+        ``output`` exists (without ``overwrite``) or is the model.
+    InputError
+        As :func:`simulate_template`.
+    """
     from dtm.io.mrc import write_map  # noqa: PLC0415
 
-    given = {
-        "b_factor_scaling": args.b_factor_scale,
-        "additional_b_factor": args.add_b_factor,
-        "dose_weighting": args.dose_weighting,
-        "mtf_path": args.mtf and str(Path(args.mtf).absolute()),
-        "dqe_path": args.dqe and str(Path(args.dqe).absolute()),
-        "oversampling": args.oversampling,
-        "waters": False if args.no_waters else None,
-    }
-    settings = validate_options(
-        TemplateSimulation, {key: value for key, value in given.items() if value is not None}
-    )
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise OutputError(f"--output {output}: exists; add --overwrite to replace it")
-    if output.exists() and output.resolve() == Path(args.model).resolve():
+    out = sys.stdout if out is None else out
+    output = Path(output)
+    if output.exists() and output.resolve() == Path(model).resolve():
         raise OutputError(f"--output {output}: is the model file")
-    kwargs = {"pixel_size": args.pixel_size, "box": args.box, "voltage": args.voltage}
-    if args.scheduler:
-        from dtm.cluster import connect  # noqa: PLC0415
+    if output.exists() and not overwrite:
+        raise OutputError(f"--output {output}: exists; add --overwrite to replace it")
+    simulate = functools.partial(
+        simulate_template,
+        model,
+        pixel_size=pixel_size,
+        box=box,
+        voltage=voltage,
+        settings=settings,
+    )
+    if scheduler_address:
+        from dtm.runtime.cluster import connect  # noqa: PLC0415
 
-        with connect(scheduler_address=args.scheduler, quiet=True) as client:
-            volume, record = simulate_template(
-                args.model, **kwargs, settings=settings, client=client
-            )
+        with connect(scheduler_address=scheduler_address, quiet=True) as client:
+            volume, record = simulate(executor=client.get_executor(pure=False))
     else:
-        volume, record = simulate_template(
-            args.model, **kwargs, settings=settings, threads=_cores()
-        )
-    write_map(output, volume, pixel_size=args.pixel_size)
+        with _threads() as (executor, threads):
+            volume, record = simulate(executor=executor, threads=threads)
+    write_map(output, volume, pixel_size=pixel_size)
+    waters = "left out" if not settings.waters else "kept"
     print(
         f"template: {record['atoms']:,} atoms ({record['hydrogens_left_out']} hydrogens left "
-        f"out, {record['water_atoms']} water atoms {'left out' if args.no_waters else 'kept'}) → "
-        f"{output}: {record['box']}³ voxels of {record['pixel_size']:g} Å, oversampled "
-        f"{record['oversampling']}×"
+        f"out, {record['water_atoms']} water atoms {waters}) → {output}: {record['box']}³ "
+        f"voxels of {record['pixel_size']:g} Å, oversampled {record['oversampling']}×",
+        file=out,
     )
+    return record
