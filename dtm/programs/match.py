@@ -159,7 +159,7 @@ def run_match(
     t0 = time.perf_counter()
     output_dir = Path(config.output_dir)
     check_search_size(config, len(config.micrograph_entries()))
-    config = search_template(config, resume=resume, overwrite=overwrite, out=out)
+    config = search_template(config, resume=resume, overwrite=overwrite, out=out, client=client)
     template = read_template(config.template_path)
     plans = validate_micrographs(config, template, strict, out)
     valid = [p for p in plans if p.status != "failed"]

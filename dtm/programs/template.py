@@ -166,7 +166,12 @@ def _filters(settings: TemplateSimulation, box: int, pixel_size: float) -> list[
 
 
 def search_template(
-    config: MatchConfig, *, resume: bool, overwrite: bool, out: TextIO | None = None
+    config: MatchConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    out: TextIO | None = None,
+    client: Any = None,
 ) -> MatchConfig:
     """The configuration a search runs with: its model's template in ``OUTPUT_DIR/template.mrc``.
 
@@ -175,7 +180,9 @@ def search_template(
     ``template_box`` voxels (default from the model's radius), before anything else of the
     run: the search validates, sizes and fingerprints it as any template. The file is written
     only where that is safe: a new output directory, the same template as the earlier run's
-    (nothing written), or ``--overwrite``; a changed template refuses ``--resume``.
+    (nothing written), or ``--overwrite``; a changed template refuses ``--resume``. It is
+    computed on ``client``'s cluster when the caller gives one (the Python API), otherwise
+    with this machine's cores: the run's own cluster does not exist yet.
 
     Returns
     -------
@@ -193,16 +200,19 @@ def search_template(
     output_dir = Path(config.output_dir)
     check_output_dir(output_dir)
     optics = config.optics_group
-    with _threads() as (executor, threads):
-        volume, record = simulate_template(
-            config.template_model_path,
-            pixel_size=optics.pixel_size,
-            box=config.template_box,
-            voltage=optics.voltage,
-            settings=config.template_simulation,
-            executor=executor,
-            threads=threads,
-        )
+    simulate = functools.partial(
+        simulate_template,
+        config.template_model_path,
+        pixel_size=optics.pixel_size,
+        box=config.template_box,
+        voltage=optics.voltage,
+        settings=config.template_simulation,
+    )
+    if client is not None:
+        volume, record = simulate(executor=client.get_executor(pure=False))
+    else:
+        with _threads() as (executor, threads):
+            volume, record = simulate(executor=executor, threads=threads)
     path = output_dir / TEMPLATE_FILE
     if path.is_symlink():
         raise OutputError(f"output {path}: is a symbolic link; dtm writes only real files")
