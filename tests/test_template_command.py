@@ -122,7 +122,7 @@ def test_configuration_names_one_template(model, tmp_path):
         _ = config.template_path
 
 
-def test_search_simulates_into_the_output_directory(model, tmp_path):
+def test_search_simulates_into_the_output_directory(model, tmp_path, two_workers):
     config = load_match_config(
         _config(
             tmp_path,
@@ -130,7 +130,10 @@ def test_search_simulates_into_the_output_directory(model, tmp_path):
             template_simulation={"b_factor_scaling": 0.5, "waters": False},
         )
     )
-    ready = search_template(config, resume=False, overwrite=False, out=io.StringIO())
+    # On the caller's cluster (match_template given a client): the same bits as here.
+    ready = search_template(
+        config, resume=False, overwrite=False, out=io.StringIO(), client=two_workers
+    )
     path = tmp_path / "out" / TEMPLATE_FILE
     assert ready.template_path == path and path.is_file()
     settings = config.template_simulation
