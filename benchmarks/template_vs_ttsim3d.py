@@ -177,6 +177,7 @@ def compare(dtm_volume: np.ndarray, tt_volume: np.ndarray, pixel_size: float) ->
         "mirrored_best_translation_4A": mirrored_best,
         "fsc": at,
         "fsc_min_to_4A": float(curve[: int(n * pixel_size / 4)].min()),
+        "fsc_min": float(curve.min()),
         # ttsim3d's dose filter zeroes the zero frequency (float32 rounding of its k = 0
         # limit), so its filtered volumes sum to nothing: no ratio then.
         "sum_ratio": (
