@@ -17,6 +17,7 @@ __version__ = importlib.metadata.version("dtm")
 _EXPORTS = {
     "match_template": "dtm.programs.match",
     "refine_template": "dtm.programs.refine",
+    "simulate_template": "dtm.programs.template",
     "load_match_config": "dtm.config",
     "load_refine_config": "dtm.config",
     "MatchConfig": "dtm.config",

@@ -16,6 +16,7 @@ from dtm.programs.particles import extract_particles as extract_particles
 from dtm.programs.peaks import peaks_dataframe as peaks_dataframe
 from dtm.programs.peaks import peaks_table as peaks_table
 from dtm.programs.refine import refine_template as refine_template
+from dtm.programs.template import simulate_template as simulate_template
 from dtm.search.picking import pick_peaks as pick_peaks
 from dtm.search.picking import threshold as threshold
 

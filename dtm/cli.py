@@ -1,5 +1,5 @@
-"""The ``dtm`` command: ``match``, ``demo``, ``peaks``, ``refine``, ``report``, ``browse``,
-``import-leopard``.
+"""The ``dtm`` command: ``match``, ``demo``, ``template``, ``peaks``, ``refine``, ``report``,
+``browse``, ``import-leopard``.
 
 User mistakes (:class:`dtm.errors.DtmError`) print one line on stderr and exit with 2. A
 ``dtm match`` run says in one or two lines what stopped it, what it saved and the command
@@ -164,7 +164,41 @@ def _resume_command(args: argparse.Namespace) -> str:
 def _demo(args: argparse.Namespace) -> None:
     from dtm.programs.demo import run_demo
 
-    run_demo(Path(args.out), n_workers=args.workers, scheduler_address=args.scheduler)
+    run_demo(
+        Path(args.out),
+        n_workers=args.workers,
+        scheduler_address=args.scheduler,
+        model=not args.synthetic,
+    )
+
+
+def _template(args: argparse.Namespace) -> None:
+    from dtm.config.base import validate_options
+    from dtm.config.template import TemplateSimulation
+    from dtm.programs.template import template_command
+
+    given = {
+        "b_factor_scaling": args.b_factor_scale,
+        "additional_b_factor": args.add_b_factor,
+        "dose_weighting": args.dose_weighting,
+        "mtf_path": args.mtf and str(Path(args.mtf).absolute()),
+        "dqe_path": args.dqe and str(Path(args.dqe).absolute()),
+        "oversampling": args.oversampling,
+        "waters": False if args.no_waters else None,
+    }
+    settings = validate_options(
+        TemplateSimulation, {key: value for key, value in given.items() if value is not None}
+    )
+    template_command(
+        args.model,
+        args.output,
+        pixel_size=args.pixel_size,
+        box=args.box,
+        voltage=args.voltage,
+        settings=settings,
+        overwrite=args.overwrite,
+        scheduler_address=args.scheduler,
+    )
 
 
 def _peaks(args: argparse.Namespace) -> None:
@@ -270,10 +304,64 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(match)
     match.set_defaults(func=_match)
 
-    demo = sub.add_parser("demo", help="simulate a micrograph and run the whole pipeline")
+    demo = sub.add_parser(
+        "demo", help="simulate a micrograph and run the whole pipeline, from an atomic model"
+    )
     demo.add_argument("--out", default="dtm-demo", help="output directory (default: dtm-demo)")
+    demo.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="plant a synthetic blob and search with its template, instead of the bundled "
+        "atomic model (PDB 7DDO) that the search makes its template from",
+    )
     _cluster_options(demo, device=False, kind=False)
     demo.set_defaults(func=_demo)
+
+    template = sub.add_parser(
+        "template",
+        help="simulate a template from an atomic model (PDB or mmCIF)",
+        description="Simulate a template from an atomic model: the electrostatic potential "
+        "from 5-Gaussian scattering factors (Peng 1996) with each atom's B-factor, centred "
+        "on the model's centre (see docs/from-a-model.md).",
+    )
+    template.add_argument("model", help="PDB or mmCIF file (.gz too)")
+    template.add_argument(
+        "--pixel-size", type=_number(above=0), required=True, metavar="Å", help="voxel size"
+    )
+    template.add_argument(
+        "--box",
+        type=_at_least(8),
+        metavar="N",
+        help="edge of the volume (default: the model's diameter plus 20 Å, even)",
+    )
+    template.add_argument("--output", required=True, metavar="MRC", help="template to write")
+    template.add_argument(
+        "--voltage", type=_number(above=0), default=300.0, metavar="KV", help="default 300"
+    )
+    template.add_argument(
+        "--b-factor-scale", type=_number(), metavar="S", help="multiply the B-factors (1)"
+    )
+    template.add_argument(
+        "--add-b-factor", type=_number(), metavar="Å²", help="add to the B-factors (0)"
+    )
+    template.add_argument(
+        "--dose-weighting",
+        type=_number(),
+        nargs=2,
+        metavar=("START", "END"),
+        help="weight by the signal left over this exposure, e⁻/Å² (Grant & Grigorieff 2015)",
+    )
+    template.add_argument("--mtf", metavar="FILE", help="multiply by this detector MTF")
+    template.add_argument("--dqe", metavar="FILE", help="weight by √DQE of this curve")
+    template.add_argument(
+        "--oversampling", type=_at_least(1), metavar="U", help="fine grid factor (auto)"
+    )
+    template.add_argument("--no-waters", action="store_true", help="leave out water molecules")
+    template.add_argument("--overwrite", action="store_true", help="replace --output")
+    template.add_argument(
+        "--scheduler", metavar="ADDRESS", help="compute on this running dask scheduler"
+    )
+    template.set_defaults(func=_template)
 
     peaks = sub.add_parser("peaks", help="re-pick peaks from the results of dtm match")
     peaks.add_argument("results_dir", help="output directory of dtm match")

@@ -77,6 +77,8 @@ PICKING_FILE = f"{PEAKS_STEM}.json"
 TABLE_DIR = "correlation_table.parquet"
 #: The page of ``dtm report``.
 REPORT_FILE = "report.html"
+#: The template a search simulates from its atomic model (``template_model_path``).
+TEMPLATE_FILE = "template.mrc"
 
 
 def token(name: str) -> str:

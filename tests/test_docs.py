@@ -31,6 +31,7 @@ PAGES = [
     "quickstart",
     "tutorial",
     "configuration",
+    "from-a-model",
     "outputs",
     "conventions",
     "many-micrographs",

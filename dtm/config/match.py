@@ -30,6 +30,7 @@ from dtm.config.search import (
     OrientationConfig,
     OrientationSearchConfig,
 )
+from dtm.config.template import TemplateSimulation
 from dtm.errors import ConfigError
 
 
@@ -170,8 +171,16 @@ class MatchConfig(_Model):
     """Several micrographs, each with its CTF fit (one of the three sources)."""
     micrograph_table: InputFile | None = None
     """CSV or RELION STAR table of micrographs and CTF fits (one of the three sources)."""
-    template_volume_path: InputFile
-    """Template .mrc: a cubic volume with the micrographs' pixel size."""
+    template_volume_path: InputFile | None = None
+    """Template .mrc: a cubic volume with the micrographs' pixel size (or template_model_path)."""
+    template_model_path: InputFile | None = None
+    """Atomic model (PDB or mmCIF) to make the template from instead: simulated at the
+    micrographs' pixel size and voltage into OUTPUT_DIR/template.mrc (see From a model)."""
+    template_box: PositiveInt | None = None
+    """Box of the template simulated from template_model_path, voxels (default: the model's
+    diameter plus 20 Å, even)."""
+    template_simulation: TemplateSimulation = TemplateSimulation()
+    """How the template is simulated from template_model_path (B-factors, filters)."""
     output_dir: OutputPath = Field(Path("dtm-out"), validate_default=True)
     """Directory of the results (results.zarr, maps/, peak tables); relative paths, the
     default included, are relative to the configuration file."""
@@ -208,6 +217,7 @@ class MatchConfig(_Model):
             )
         if len(given) > 1:
             raise _Problem(f"give only one of {', '.join(sources)}", given[1], given)
+        self._one_template()
         if self.micrograph_path is not None:
             for key in ("defocus_u", "defocus_v"):
                 if getattr(self.optics_group, key) is None:
@@ -230,6 +240,48 @@ class MatchConfig(_Model):
                 f"must be >= 2 × pixel_size ({nyquist:g} Å)", "high_resolution_limit", limit
             )
         return self
+
+    def _one_template(self) -> None:
+        """Exactly one of template_volume_path and template_model_path; the simulation's
+        settings only with a model."""
+        volume, model = self.template_volume_path, self.template_model_path
+        if volume is None and model is None:
+            raise _Problem(
+                "required: give template_volume_path or template_model_path",
+                "template_volume_path",
+            )
+        if volume is not None and model is not None:
+            raise _Problem(
+                "give template_volume_path or template_model_path, not both",
+                "template_model_path",
+                model,
+            )
+        if model is None:
+            if self.template_box is not None:
+                raise _Problem("only with template_model_path", "template_box", self.template_box)
+            if self.template_simulation != TemplateSimulation():
+                raise _Problem("only with template_model_path", "template_simulation")
+
+    @property
+    def template_path(self) -> Path:
+        """The template volume a search reads: template_volume_path, which a run sets to the
+        simulated template when the configuration names template_model_path."""
+        if self.template_volume_path is None:
+            raise ConfigError("template_model_path: the template has not been simulated yet")
+        return self.template_volume_path
+
+    def template_record(self) -> dict[str, Any] | None:
+        """What the template was simulated from and how (dataset attributes); None for a
+        template_volume_path."""
+        if self.template_model_path is None:
+            return None
+        return {
+            "model_path": str(self.template_model_path),
+            "box": self.template_box,
+            "pixel_size": self.optics_group.pixel_size,
+            "voltage": self.optics_group.voltage,
+            **self.template_simulation.record(),
+        }
 
     def table_settings(self) -> tuple[float, int] | None:
         """``(cutoff, max_rows_per_task)`` when the correlation table is kept, else None."""

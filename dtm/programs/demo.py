@@ -1,8 +1,9 @@
 """``dtm demo``: simulate a micrograph with known particles and run the whole pipeline.
 
-The demo writes a simulated micrograph and template, a configuration file that a user can
-copy, runs ``dtm match`` on an embedded cluster, and compares the picked peaks with the
-planted particles: position and orientation errors per particle.
+The demo writes a simulated micrograph (six copies of the bundled atomic model's template,
+or of a synthetic blob's) and a configuration file that a user can copy, runs ``dtm match``
+on an embedded cluster — which makes the template from the model — and compares the picked
+peaks with the planted particles: position and orientation errors per particle.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def demo_dataset(
     n_atoms: int = 4000,
     signal_scale: float = 18.0,
     low_frequency_noise: float = 5.0,
+    template: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write a small simulated data set for ``dtm demo``: ``micrograph.mrc``, ``template.mrc``.
 
@@ -56,6 +58,9 @@ def demo_dataset(
         Random seed of template, positions and noise.
     micrograph_shape, box_size, pixel_size, n_particles, n_atoms, signal_scale, low_frequency_noise
         Size of the data set; see :func:`simulate_template` and :func:`simulate_micrograph`.
+    template
+        The template to plant instead of :func:`simulate_template`'s (``box_size`` and
+        ``n_atoms`` are then unused), at ``pixel_size``.
 
     Returns
     -------
@@ -84,7 +89,9 @@ def demo_dataset(
         "phase_shift": 0.0,
         "b_factor": 0.0,
     }
-    template = simulate_template(box_size, pixel_size=pixel_size, n_atoms=n_atoms, seed=seed)
+    if template is None:
+        template = simulate_template(box_size, pixel_size=pixel_size, n_atoms=n_atoms, seed=seed)
+    box_size = template.shape[0]
     grid = uniform_grid(psi_step=search["psi_step"], theta_step=search["theta_step"])
     particles = random_particles(
         n_particles,
@@ -135,9 +142,16 @@ def demo_config(data: dict[str, Any], output_dir: Path, base: Path) -> dict[str,
     def relative(path: Path) -> str:
         return os.path.relpath(Path(path).resolve(), Path(base).resolve())
 
+    if "model_path" in data:  # the search makes its template from the model
+        template = {
+            "template_model_path": relative(data["model_path"]),
+            "template_box": data["box_size"],
+        }
+    else:
+        template = {"template_volume_path": relative(data["template_path"])}
     return {
         "micrograph_path": relative(data["micrograph_path"]),
-        "template_volume_path": relative(data["template_path"]),
+        **template,
         "output_dir": relative(output_dir),
         "optics_group": {
             "label": "demo",
@@ -242,6 +256,10 @@ def _write_text(path: str, text: str) -> None:
     Path(path).write_text(text)
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    Path(path).write_bytes(data)
+
+
 def _demo_config_in(out: Path) -> bool:
     """Whether ``out/config.yaml`` is a demo's (directories of demos before the marker)."""
     try:
@@ -251,21 +269,47 @@ def _demo_config_in(out: Path) -> bool:
         return False
 
 
+#: The bundled model of ``dtm demo`` (``dtm/data/README.md``).
+DEMO_MODEL = "7ddo.pdb.gz"
+
+
+def _model_dataset(directory: Path) -> dict[str, Any]:
+    """The demo's data set with the bundled model's template as its particles."""
+    from importlib.resources import files  # noqa: PLC0415
+
+    from dtm.programs.template import simulate_template  # noqa: PLC0415
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model_path = directory / DEMO_MODEL
+    source = files("dtm").joinpath("data", DEMO_MODEL).read_bytes()
+    write_atomic(model_path, lambda tmp: _write_bytes(tmp, source), root=directory)
+    pixel_size = 3.0
+    template, _ = simulate_template(model_path, pixel_size=pixel_size)
+    data = demo_dataset(directory, pixel_size=pixel_size, template=template)
+    return {**data, "model_path": model_path, "box_size": template.shape[0]}
+
+
 def run_demo(
     out: Path,
     *,
     n_workers: int | None = None,
     scheduler_address: str | None = None,
     stream: TextIO | None = None,
+    model: bool = True,
 ) -> pd.DataFrame:
-    """Simulate, search, pick peaks and report how many planted particles were found."""
+    """Simulate, search, pick peaks and report how many planted particles were found.
+
+    With ``model`` (the default), the particles are the bundled atomic model (PDB 7DDO,
+    copied to ``data/``) and the search names the model (``template_model_path``): model →
+    template → search → peaks. Otherwise (``dtm demo --synthetic``) they are a synthetic
+    blob and the search reads its template."""
     stream = sys.stdout if stream is None else stream
     out = Path(out)
     if claim_directory(out):
         print(f"demo: replacing the earlier demo in {out}", file=stream)
         # Maps and peaks of the earlier data must not survive beside the new data.
         remove_output(out / "results", out)
-    data = demo_dataset(out / "data")
+    data = _model_dataset(out / "data") if model else demo_dataset(out / "data")
     config_path = out / "config.yaml"
     config_text = yaml.safe_dump(demo_config(data, out / "results", base=out), sort_keys=False)
     write_atomic(config_path, lambda tmp: _write_text(tmp, config_text), root=out)

@@ -57,6 +57,7 @@ from dtm.programs.plan import (
 )
 from dtm.programs.record import saved, stopped_run, write_run_report
 from dtm.programs.submit import Search, checkpoint_dir, run_search
+from dtm.programs.template import search_template
 from dtm.runtime.cluster import QUEUED_KINDS, WORKER_TIMEOUT_S, resolve_kind, session
 from dtm.runtime.progress import format_duration
 from dtm.schema import PEAK_TABLES, TABLE_DIR, token
@@ -158,7 +159,8 @@ def run_match(
     t0 = time.perf_counter()
     output_dir = Path(config.output_dir)
     check_search_size(config, len(config.micrograph_entries()))
-    template = read_template(config.template_volume_path, pixel_size=config.optics_group.pixel_size)
+    config = search_template(config, resume=resume, overwrite=overwrite, out=out, client=client)
+    template = read_template(config.template_path, pixel_size=config.optics_group.pixel_size)
     plans = validate_micrographs(config, template, strict, out)
     valid = [p for p in plans if p.status != "failed"]
     if not valid:
@@ -359,7 +361,7 @@ def _worker_timeout(
 
 def run_inputs(config: MatchConfig, plans: list[MicrographPlan]) -> list[Path]:
     """The files a run reads: never replaced or removed by it."""
-    inputs = [Path(config.template_volume_path)]
+    inputs = [Path(config.template_path)]
     inputs += [Path(plan.entry.micrograph_path) for plan in plans]
     if config.micrograph_table is not None:
         inputs.append(Path(config.micrograph_table))

@@ -299,7 +299,7 @@ def fingerprint(
     optics = {k: v for k, v in cfg["optics_group"].items() if k != "label"}
     table = config.table_settings()
     return {
-        "template": file_digest(config.template_volume_path),
+        "template": file_digest(config.template_path),
         "micrographs": {
             p.name: {**p.entry.model_dump(mode="json"), "digest": p.digest} for p in plans
         },
@@ -323,7 +323,8 @@ def dataset_attrs(
     return {
         "micrograph_name": plan.name,
         "micrograph_path": str(plan.entry.micrograph_path),
-        "template_path": str(config.template_volume_path),
+        "template_path": str(config.template_path),
+        "template_simulation": config.template_record(),
         # With high_resolution_limit, maps and positions are at the cropped pixel size.
         "pixel_size": optics.pixel_size,
         "axis_pixel_size": list(plan.axis_pixel_size or (optics.pixel_size,) * 2),

@@ -117,7 +117,7 @@ def run_search(
             [
                 dask.delayed(space, name=f"space-{search.token}", traverse=False),
                 dask.delayed(tasks.load_template)(
-                    str(config.template_volume_path),
+                    str(config.template_path),
                     search.sampling.crop_pixel_size,
                     config.optics_group.pixel_size,
                     dask_key_name=f"prepare-template-{search.token}",
